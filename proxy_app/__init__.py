@@ -1,0 +1,39 @@
+"""proxy_app: a synchronous pass-through proxy for LiteLLM-style ``pass_through_endpoints``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from flask import Flask
+
+from proxy_app import errors
+from proxy_app import health
+from proxy_app import routes
+from proxy_app.config import Settings
+from proxy_app.config import load_config
+from proxy_app.config import log_summary
+from proxy_app.forward import Forwarder
+from proxy_app.upstream import Transport
+
+DEFAULT_THREADS = 32
+
+
+def create_app(config: str | os.PathLike | Mapping | Settings | None = None, environ: Mapping[str, str] = os.environ) -> Flask:
+    """Build the proxy for a config file path, an already-parsed mapping, or Settings.
+
+    :raises proxy_app.config.ConfigError: the config cannot be served.
+    """
+    settings = config if isinstance(config, Settings) else load_config(config, environ)
+    log_summary(settings)
+    app = Flask(__name__, static_folder=None)
+    app.extensions["proxy_app"] = settings
+    # One pooled connection per gunicorn thread (PROXY_THREADS, as in deploy/gunicorn.conf.py).
+    transport = Transport(
+        pool_maxsize=int(environ.get("PROXY_THREADS", DEFAULT_THREADS)),
+        connect_timeout=settings.connect_timeout,
+    )
+    errors.init_app(app)
+    health.init_app(app, settings)
+    routes.init_app(app, settings.endpoints, Forwarder(settings, transport))
+    return app

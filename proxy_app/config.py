@@ -1,0 +1,501 @@
+"""Load and validate a LiteLLM-style ``config.yaml`` into frozen settings.
+
+Everything that can be decided once is decided here, at start-up: ``os.environ/NAME``
+references are resolved, header values are coerced to strings, the Langfuse key pair is
+folded into one ``Authorization`` header, and the target URL is split into the parts the
+request path needs. The request path never looks at the raw YAML again.
+
+Every problem found is collected (not just the first) into one :class:`ConfigError`, each
+line naming the file, the endpoint (index and path) and the field, and never a value that
+came from the environment.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from urllib.parse import urlsplit
+
+import yaml
+
+from proxy_app.headers import CREDENTIAL_HEADERS
+from proxy_app.headers import HOP_BY_HOP
+from proxy_app.headers import is_token
+from proxy_app.urls import has_dot_segment
+
+log = logging.getLogger("proxy_app")
+
+DEFAULT_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# TRACE would reflect the injected secret headers back to the caller; CONNECT would turn
+# the proxy into a tunnel to anywhere.
+REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
+DEFAULT_TIMEOUT = 600.0
+CONNECT_TIMEOUT = 10.0
+ENV_PREFIX = "os.environ/"
+RESERVED_PREFIXES = ("/health", "/metrics")
+
+ENDPOINT_FIELDS = (
+    "path",
+    "target",
+    "headers",
+    "include_subpath",
+    "forward_headers",
+    "merge_query_params",
+    "default_query_params",
+    "methods",
+    "auth",
+    "timeout",
+    "cost_per_request",
+    "id",
+)
+# LiteLLM fields proxy_app deliberately does not implement: silently dropping a guardrail
+# or a custom auth parser would weaken security without anyone noticing.
+UNSUPPORTED_FIELDS = {
+    "guardrails": "guardrails are not supported by proxy_app; remove the field",
+    "custom_auth_parser": "custom auth parsers are not supported by proxy_app; remove the field",
+}
+GENERAL_FIELDS = ("master_key", "pass_through_endpoints", "pass_through_request_timeout")
+# Header names that describe the message framing or the connection: the proxy sets them
+# from the caller's request and the target URL, a configured value would corrupt framing.
+FORBIDDEN_CONFIG_HEADERS = HOP_BY_HOP | {"host", "content-length", "proxy"}
+LANGFUSE_PUBLIC = "langfuse_public_key"
+LANGFUSE_SECRET = "langfuse_secret_key"
+KEY_HEADER_FIELD = "litellm_user_api_key"
+# A route path is matched literally against the raw request target, so it may hold only
+# characters that never need percent-encoding (RFC 3986 pchar without "%"), and no "<"
+# or ">" (Werkzeug's rule syntax).
+PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be served; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One validated ``pass_through_endpoints`` entry, ready for the request path."""
+
+    index: int
+    path: str
+    target: str
+    scheme: str
+    netloc: str
+    target_path: str
+    target_query: str
+    headers: tuple[tuple[str, str], ...]
+    key_header: str | None
+    include_subpath: bool
+    forward_headers: bool
+    merge_query_params: bool
+    default_query_params: tuple[tuple[str, str], ...]
+    methods: frozenset[str]
+    auth: bool
+    timeout: float
+    cost_per_request: float
+    configured_names: frozenset[str] = field(default=frozenset())
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: str
+    master_key: str | None
+    endpoints: tuple[Endpoint, ...]
+    connect_timeout: float = CONNECT_TIMEOUT
+    ignored: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *base" merges; its keys may be overridden on purpose
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "mapping keys must be plain scalars", key_node.start_mark
+                ) from None
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def config_path(explicit: str | None = None, environ: Mapping[str, str] = os.environ) -> str:
+    """The config file to read: ``--config``, else ``CONFIG_FILE_PATH``, else ``./config.yaml``."""
+    return explicit or environ.get("CONFIG_FILE_PATH") or "config.yaml"
+
+
+def read_yaml(path: str) -> object:
+    """Parse a YAML file, turning I/O and syntax problems into a ConfigError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ConfigError([f"{where}: invalid YAML: {exc.problem or exc.context}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+
+
+def load_config(
+    source: str | os.PathLike | Mapping | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Settings:
+    """Return validated :class:`Settings` from a file path or an already-parsed mapping.
+
+    :raises ConfigError: listing every problem found.
+    """
+    if source is None or isinstance(source, (str, os.PathLike)):
+        name = os.fspath(config_path(source, environ))
+        raw = read_yaml(name)
+    else:
+        name, raw = "<config>", source
+    return _Validator(name, environ).settings(raw)
+
+
+class _Validator:
+    """Collects problems while turning the raw YAML tree into Settings."""
+
+    def __init__(self, source: str, environ: Mapping[str, str]):
+        self.source = source
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def problem(self, where: str, message: str) -> None:
+        self.problems.append(f"{self.source}: {where}: {message}")
+
+    def settings(self, raw: object) -> Settings:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError([f"{self.source}: the top level must be a mapping"])
+        ignored = [f"top-level section {k!r}" for k in raw if k != "general_settings"]
+        general = raw.get("general_settings") or {}
+        if not isinstance(general, Mapping):
+            self.problem("general_settings", "must be a mapping")
+            general = {}
+        ignored += [f"general_settings.{k}" for k in general if k not in GENERAL_FIELDS]
+        master_key = self.master_key(general)
+        default_timeout = DEFAULT_TIMEOUT
+        if general.get("pass_through_request_timeout") is not None:
+            default_timeout = self.positive_number(
+                general["pass_through_request_timeout"],
+                "general_settings.pass_through_request_timeout",
+            )
+        entries = general.get("pass_through_endpoints") or []
+        if not isinstance(entries, list):
+            self.problem("general_settings.pass_through_endpoints", "must be a list")
+            entries = []
+        endpoints = []
+        for index, entry in enumerate(entries):
+            endpoint = self.endpoint(index, entry, default_timeout, master_key)
+            if endpoint is not None:
+                endpoints.append(endpoint)
+        self.check_overlaps(endpoints)
+        if self.problems:
+            raise ConfigError(self.problems)
+        warnings = [
+            f"endpoint {e.path} (pass_through_endpoints[{e.index}]) is open (auth: false) and "
+            f"injects credential header(s) {', '.join(sorted(e.configured_names & CREDENTIAL_HEADERS))}: "
+            "anyone who can reach the proxy can use them"
+            for e in endpoints
+            if not e.auth and e.configured_names & CREDENTIAL_HEADERS
+        ]
+        return Settings(
+            source=self.source,
+            master_key=master_key,
+            endpoints=tuple(endpoints),
+            ignored=tuple(ignored),
+            warnings=tuple(warnings),
+        )
+
+    # -- scalars ---------------------------------------------------------------------
+
+    def resolve(self, value: str, where: str) -> str | None:
+        """Resolve ``os.environ/NAME`` as a whole value or at the end of a value."""
+        at = value.find(ENV_PREFIX)
+        if at < 0:
+            return value
+        name = value[at + len(ENV_PREFIX) :]
+        if not ENV_NAME_RE.fullmatch(name):
+            self.problem(where, f"{ENV_PREFIX} must be followed by a variable name and nothing else")
+            return None
+        if name not in self.environ:
+            self.problem(where, f"environment variable {name} is not set")
+            return None
+        if self.environ[name] == "":
+            self.problem(where, f"environment variable {name} is set but empty")
+            return None
+        return value[:at] + self.environ[name]
+
+    def master_key(self, general: Mapping) -> str | None:
+        raw = general.get("master_key")
+        if raw is None:
+            return self.environ.get("LITELLM_MASTER_KEY") or None
+        if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+            self.problem("general_settings.master_key", "must be a string")
+            return None
+        return self.resolve(str(raw), "general_settings.master_key")
+
+    def positive_number(self, value: object, where: str) -> float:
+        if not _is_number(value) or value <= 0:
+            self.problem(where, f"must be a positive number of seconds, got {type(value).__name__}")
+            return DEFAULT_TIMEOUT
+        return float(value)
+
+    def boolean(self, entry: Mapping, key: str, where: str) -> bool:
+        value = entry.get(key, False)
+        if not isinstance(value, bool):
+            # LiteLLM treats the string "true" as false for `auth`: refuse the ambiguity.
+            self.problem(
+                f"{where}.{key}",
+                f"must be a YAML boolean (true or false, unquoted), got {type(value).__name__} {value!r}"
+                if isinstance(value, (str, int, float))
+                else f"must be a YAML boolean, got {type(value).__name__}",
+            )
+            return False
+        return value
+
+    # -- one endpoint ----------------------------------------------------------------
+
+    def endpoint(self, index: int, entry: object, default_timeout: float, master_key) -> Endpoint | None:
+        where = f"pass_through_endpoints[{index}]"
+        if not isinstance(entry, Mapping):
+            self.problem(where, "must be a mapping with at least path and target")
+            return None
+        path = entry.get("path")
+        if isinstance(path, str):
+            where = f"{where} ({path})"
+        before = len(self.problems)
+        self.unknown_fields(entry, where)
+        path = self.route_path(path, where)
+        target = self.target(entry.get("target"), where)
+        headers, key_header = self.headers(entry.get("headers"), where)
+        methods = self.methods(entry.get("methods"), where)
+        auth = self.boolean(entry, "auth", where)
+        if auth and not master_key:
+            self.problem(f"{where}.auth", "auth: true needs general_settings.master_key (or LITELLM_MASTER_KEY)")
+        timeout = default_timeout
+        if entry.get("timeout") is not None:
+            timeout = self.positive_number(entry["timeout"], f"{where}.timeout")
+        cost = entry.get("cost_per_request", 0.0)
+        if cost is None:
+            cost = 0.0
+        if not _is_number(cost) or cost < 0:
+            self.problem(f"{where}.cost_per_request", "must be a number >= 0")
+            cost = 0.0
+        flags = {k: self.boolean(entry, k, where) for k in ("include_subpath", "forward_headers", "merge_query_params")}
+        defaults = self.default_query_params(entry.get("default_query_params"), where)
+        if len(self.problems) > before:
+            return None
+        parts = urlsplit(target)
+        return Endpoint(
+            index=index,
+            path=path,
+            target=target,
+            scheme=parts.scheme,
+            netloc=parts.netloc,
+            target_path=parts.path or "/",
+            target_query=parts.query,
+            headers=headers,
+            key_header=key_header,
+            methods=methods,
+            auth=auth,
+            timeout=timeout,
+            cost_per_request=float(cost),
+            default_query_params=defaults,
+            configured_names=frozenset(name.lower() for name, _ in headers),
+            **flags,
+        )
+
+    def unknown_fields(self, entry: Mapping, where: str) -> None:
+        for key in entry:
+            if key in ENDPOINT_FIELDS:
+                continue
+            if key in UNSUPPORTED_FIELDS:
+                self.problem(f"{where}.{key}", UNSUPPORTED_FIELDS[key])
+                continue
+            close = difflib.get_close_matches(str(key), ENDPOINT_FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(ENDPOINT_FIELDS)}"
+            self.problem(f"{where}.{key}", f"unknown field{hint}")
+
+    def route_path(self, path: object, where: str) -> str:
+        if not isinstance(path, str) or not path:
+            self.problem(f"{where}.path", "is required and must be a string starting with '/'")
+            return "/"
+        if not path.startswith("/"):
+            self.problem(f"{where}.path", "must start with '/'")
+        elif not PATH_RE.fullmatch(path):
+            self.problem(f"{where}.path", "may contain only letters, digits, '/' and -._~!$&'()*+,;=:@ (no '%', '<', '>')")
+        elif "//" in path or has_dot_segment(path):
+            self.problem(f"{where}.path", "must not contain empty ('//') or dot ('.', '..') segments")
+        elif path != "/" and path.endswith("/"):
+            self.problem(f"{where}.path", "must not end with '/' (use include_subpath to serve sub-paths)")
+        elif any(path == p or path.startswith(p + "/") for p in RESERVED_PREFIXES):
+            self.problem(f"{where}.path", "paths under /health and /metrics are reserved for the proxy")
+        return path
+
+    def target(self, target: object, where: str) -> str:
+        if not isinstance(target, str) or not target:
+            self.problem(f"{where}.target", "is required and must be an http(s) URL")
+            return ""
+        resolved = self.resolve(target, f"{where}.target")
+        if resolved is None:
+            return ""
+        try:
+            parts = urlsplit(resolved)
+        except ValueError:
+            self.problem(f"{where}.target", "is not a valid URL")
+            return ""
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            self.problem(f"{where}.target", "must be an absolute http:// or https:// URL with a host")
+        elif parts.username is not None or parts.password is not None:
+            self.problem(f"{where}.target", "must not carry credentials (user:password@); use headers")
+        elif parts.fragment or "#" in resolved:
+            self.problem(f"{where}.target", "must not have a #fragment")
+        elif any(c in resolved for c in " \t\r\n\x00\\"):
+            self.problem(f"{where}.target", "must not contain whitespace, control characters or backslashes")
+        else:
+            try:
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError:
+                self.problem(f"{where}.target", "has an invalid port")
+        return resolved
+
+    def headers(self, raw: object, where: str) -> tuple[tuple[tuple[str, str], ...], str | None]:
+        if raw is None:
+            return (), None
+        if not isinstance(raw, Mapping):
+            self.problem(f"{where}.headers", "must be a mapping of header name to value")
+            return (), None
+        result: dict[str, tuple[str, str]] = {}
+        langfuse: dict[str, str] = {}
+        key_header = None
+        for name, value in raw.items():
+            field_where = f"{where}.headers.{name}"
+            if not isinstance(name, str) or not is_token(name):
+                self.problem(field_where, "is not a valid header name")
+                continue
+            text = self.header_value(value, field_where)
+            if text is None:
+                continue
+            lower = name.lower()
+            if lower in (LANGFUSE_PUBLIC, LANGFUSE_SECRET):
+                langfuse[lower] = text
+            elif lower == KEY_HEADER_FIELD:
+                if not is_token(text):
+                    self.problem(field_where, "must name a header")
+                else:
+                    key_header = text.lower()
+            elif lower in FORBIDDEN_CONFIG_HEADERS:
+                self.problem(field_where, "is set by the proxy (framing, connection or Host) and cannot be configured")
+            elif lower in result:
+                self.problem(field_where, f"is configured twice (as {result[lower][0]!r} too)")
+            else:
+                result[lower] = (name, text)
+        if langfuse:
+            if len(langfuse) != 2:
+                self.problem(f"{where}.headers", "LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY must be given together")
+            elif "authorization" in result:
+                self.problem(f"{where}.headers", "LANGFUSE_* keys and Authorization cannot both be set")
+            else:
+                pair = f"{langfuse[LANGFUSE_PUBLIC]}:{langfuse[LANGFUSE_SECRET]}".encode()
+                result["authorization"] = ("Authorization", "Basic " + base64.b64encode(pair).decode("ascii"))
+        return tuple(result.values()), key_header
+
+    def header_value(self, value: object, where: str) -> str | None:
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            value = str(value)
+        if not isinstance(value, str):
+            self.problem(where, f"value must be a string or a number, got {type(value).__name__}")
+            return None
+        resolved = self.resolve(value, where)
+        if resolved is not None and any(c in resolved for c in "\r\n\x00"):
+            self.problem(where, "value contains CR, LF or NUL")
+            return None
+        return resolved
+
+    def methods(self, raw: object, where: str) -> frozenset[str]:
+        if raw is None or raw == []:
+            return DEFAULT_METHODS
+        if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+            self.problem(f"{where}.methods", "must be a list of HTTP method names")
+            return DEFAULT_METHODS
+        methods = frozenset(m.upper() for m in raw)
+        for method in sorted(methods):
+            if method in REFUSED_METHODS:
+                self.problem(f"{where}.methods", f"{method} is refused (it would expose or tunnel the injected credentials)")
+            elif method not in DEFAULT_METHODS:
+                self.problem(f"{where}.methods", f"unknown method {method!r}; allowed: {', '.join(sorted(DEFAULT_METHODS))}")
+        return methods
+
+    def default_query_params(self, raw: object, where: str) -> tuple[tuple[str, str], ...]:
+        if raw is None:
+            return ()
+        if not isinstance(raw, Mapping):
+            self.problem(f"{where}.default_query_params", "must be a mapping of name to value")
+            return ()
+        pairs = []
+        for key, value in raw.items():
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            if not isinstance(value, (str, int, float)):
+                self.problem(f"{where}.default_query_params.{key}", "value must be a string or a number")
+                continue
+            text = self.resolve(str(value), f"{where}.default_query_params.{key}")
+            if text is not None:
+                pairs.append((str(key), text))
+        return tuple(pairs)
+
+    def check_overlaps(self, endpoints: list[Endpoint]) -> None:
+        for i, first in enumerate(endpoints):
+            for second in endpoints[i + 1 :]:
+                shared = first.methods & second.methods
+                if first.path == second.path and shared:
+                    self.problem(
+                        f"pass_through_endpoints[{second.index}] ({second.path}).methods",
+                        f"{', '.join(sorted(shared))} already served by pass_through_endpoints[{first.index}] "
+                        "on the same path; give entries sharing a path disjoint methods",
+                    )
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float, not a bool (YAML's .nan and .inf are floats too)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def log_summary(settings: Settings) -> None:
+    """Log, once at start-up, what was ignored and which open endpoints inject credentials."""
+    if settings.ignored:
+        log.info("ignored (not used by proxy_app): %s", ", ".join(settings.ignored))
+    for warning in settings.warnings:
+        log.warning(warning)

@@ -1,0 +1,59 @@
+"""Errors the proxy makes itself, as the LiteLLM-shaped JSON envelope (SPEC §5).
+
+A message never contains a configured header value, the master key or a caller's key:
+every message below is a fixed sentence or names only paths, methods and field names.
+
+Upstream failures before the response began map as:
+
+- ``requests.Timeout`` (connect or read timeout)   -> 504
+- any other ``requests.RequestException``          -> 502 (refused, reset, TLS, protocol)
+"""
+
+from __future__ import annotations
+
+import json
+
+import requests
+from flask import Response
+
+
+def error_response(status: int, message: str, kind: str, headers: list[tuple[str, str]] = ()) -> Response:
+    body = json.dumps(
+        {"error": {"message": message, "type": kind, "param": None, "code": str(status)}},
+        separators=(",", ":"),
+    )
+    return Response(body, status=status, headers=list(headers), content_type="application/json")
+
+
+def upstream_error_response(exc: requests.RequestException, call_id: str) -> tuple[Response, str]:
+    """The 502/504 answer for an upstream that failed before its response began."""
+    headers = [("x-litellm-call-id", call_id)]
+    if isinstance(exc, requests.Timeout):
+        kind = "connect_timeout" if isinstance(exc, requests.ConnectTimeout) else "read_timeout"
+        message = "The upstream did not answer within the timeout."
+        return error_response(504, message, "upstream_timeout", headers), kind
+    if isinstance(exc, requests.exceptions.SSLError):
+        kind = "tls_error"
+    elif isinstance(exc, requests.ConnectionError):
+        kind = "connection_error"
+    else:
+        kind = "protocol_error"
+    message = "The upstream could not be reached or sent an invalid response."
+    return error_response(502, message, "upstream_error", headers), kind
+
+
+def init_app(app) -> None:
+    """Answer Flask's own 404/405/400 in the same JSON envelope."""
+
+    @app.errorhandler(404)
+    def not_found(_exc):
+        return error_response(404, "No pass-through endpoint is configured for this path.", "not_found_error")
+
+    @app.errorhandler(405)
+    def method_not_allowed(exc):
+        allow = ", ".join(sorted(exc.valid_methods or ()))
+        return error_response(405, "Method not allowed on this path.", "method_not_allowed", [("Allow", allow)])
+
+    @app.errorhandler(400)
+    def bad_request(_exc):
+        return error_response(400, "Malformed request.", "invalid_request_error")

@@ -1,0 +1,157 @@
+"""Header rules, both directions, as pure functions over lists of ``(name, value)`` pairs.
+
+Headers are multi-valued and ordered, so they are never kept in a plain dict keyed by
+name: two upstream ``Set-Cookie`` lines must reach the caller as two lines.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from collections.abc import Mapping
+
+# RFC 9110 §7.6.1 plus the non-standard Proxy-Connection that libcurl still sends (as in
+# Go's httputil.ReverseProxy): these describe one hop, never the end-to-end message.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Sent upstream even without forward_headers: they describe the body and what the caller
+# can read back, and the bytes pass through untouched in both directions.
+ALWAYS_FORWARDED = frozenset({"content-type", "content-encoding", "accept", "accept-encoding"})
+# Never forwarded from the caller, with or without forward_headers:
+# - Host and Content-Length are the target's and the body's own (set by the transport);
+# - Proxy: httpoxy (CVE-2016-5385);
+# - Expect: the 100-continue handshake is answered by gunicorn on this hop;
+# - x-litellm-api-key carries the proxy's own key;
+# - X-Forwarded-Host/-Proto and Forwarded describe this hop, and a caller could forge them.
+NEVER_FORWARDED = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "proxy",
+    "expect",
+    "x-litellm-api-key",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "forwarded",
+}
+PASS_PREFIX = "x-pass-"
+# x-pass-<name> may not set these: credentials the config owns, framing, and the AWS
+# signature headers (LiteLLM PR #25916, #37058).
+PASS_PROTECTED = NEVER_FORWARDED | {
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "x-goog-api-key",
+    "ocp-apim-subscription-key",
+    "accept-encoding",
+    "x-forwarded-for",
+}
+# Header names that carry a credential: an open endpoint injecting one is worth a warning.
+CREDENTIAL_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "api-key",
+        "x-api-key",
+        "x-goog-api-key",
+        "ocp-apim-subscription-key",
+        "cookie",
+    }
+)
+
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def is_token(name: str) -> bool:
+    """Whether ``name`` is a valid header field name (RFC 9110 §5.1 token)."""
+    return bool(_TOKEN_RE.fullmatch(name))
+
+
+def connection_tokens(values: Iterable[str]) -> frozenset[str]:
+    """Header names listed in Connection values: hop-by-hop too (RFC 9110 §7.6.1)."""
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(",") if token.strip()
+    )
+
+
+def caller_headers(environ: Mapping[str, object]) -> list[tuple[str, str]]:
+    """The caller's request headers from a WSGI environ, names in ``Title-Case``.
+
+    WSGI servers join repeated request header lines with ", " into one variable, so each
+    name appears once here.
+    """
+    headers = []
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            headers.append((key[5:].replace("_", "-").title(), value))
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+            headers.append((key.replace("_", "-").title(), value))
+    return headers
+
+
+def outbound_headers(
+    caller: list[tuple[str, str]],
+    configured: tuple[tuple[str, str], ...],
+    configured_names: frozenset[str],
+    forward_all: bool,
+    peer: str | None,
+    consumed: frozenset[str] = frozenset(),
+) -> list[tuple[str, str]]:
+    """The headers to send upstream, in order (SPEC §3, "Headers").
+
+    :param caller: the caller's headers.
+    :param configured: the endpoint's resolved headers; they win over any caller header.
+    :param forward_all: the endpoint's ``forward_headers``.
+    :param peer: the caller's address, appended to X-Forwarded-For when forwarding all.
+    :param consumed: lower-case names of headers that carried the proxy key, or name the
+        endpoint's key header: never sent upstream.
+    """
+    drop = NEVER_FORWARDED | consumed | configured_names
+    connection = [v for n, v in caller if n.lower() == "connection"]
+    if connection:
+        drop = drop | connection_tokens(connection)
+    chosen: dict[str, tuple[str, str]] = {}
+    renamed: dict[str, tuple[str, str]] = {}
+    forwarded_for = None
+    for name, value in caller:
+        lower = name.lower()
+        if lower in drop:
+            # Checked before the x-pass- rename: a key header named x-pass-<x> must not
+            # reach the upstream renamed to <x>.
+            continue
+        if lower.startswith(PASS_PREFIX):
+            bare = lower[len(PASS_PREFIX) :]
+            if bare and bare not in PASS_PROTECTED and bare not in drop and not bare.startswith("x-amz-"):
+                renamed[bare] = (name[len(PASS_PREFIX) :], value)
+        elif lower == "x-forwarded-for":
+            forwarded_for = value
+        elif forward_all or lower in ALWAYS_FORWARDED:
+            chosen[lower] = (name, value)
+    chosen.update(renamed)
+    if forward_all and peer:
+        # Never trust a caller's X-Forwarded-For as it is: append who really connected.
+        chosen["x-forwarded-for"] = ("X-Forwarded-For", f"{forwarded_for}, {peer}" if forwarded_for else peer)
+    return [*chosen.values(), *configured]
+
+
+def response_headers(upstream: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Upstream response headers to relay: all of them, repeats kept, minus hop-by-hop.
+
+    Content-Length and Content-Encoding stay: the body is relayed byte for byte, undecoded.
+    """
+    items = list(upstream)
+    drop = HOP_BY_HOP
+    connection = [v for n, v in items if n.lower() == "connection"]
+    if connection:
+        drop = drop | connection_tokens(connection)
+    return [(n, v) for n, v in items if n.lower() not in drop]

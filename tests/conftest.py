@@ -1,0 +1,54 @@
+"""Shared fixtures: a recording upstream on loopback and apps built from mappings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from proxy_app import create_app
+from tests.upstream import Upstream
+
+PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy")
+MASTER_KEY = "sk-test-master-0123456789"
+SECRET = "secret-upstream-key-42"
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_env(monkeypatch):
+    # The proxy must not depend on the machine's proxy variables (and ignores them).
+    for name in PROXY_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def upstream():
+    with Upstream() as server:
+        yield server
+
+
+def config_for(*endpoints: dict, master_key: str | None = MASTER_KEY, **general) -> dict:
+    settings = {"pass_through_endpoints": list(endpoints), **general}
+    if master_key is not None:
+        settings["master_key"] = master_key
+    return {"general_settings": settings}
+
+
+@pytest.fixture
+def make_client():
+    """Build a test client for endpoints: ``make_client(endpoint, ..., env={...})``."""
+
+    def build(*endpoints: dict, env: dict | None = None, master_key: str | None = MASTER_KEY, **general):
+        environ = {"SECRET": SECRET, **(env or {})}
+        app = create_app(config_for(*endpoints, master_key=master_key, **general), environ=environ)
+        return app.test_client(use_cookies=False)
+
+    return build
+
+
+@pytest.fixture
+def proxy_env():
+    """An os.environ copy for subprocesses: no proxy variables, the test secret set."""
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_ENV}
+    env["SECRET"] = SECRET
+    return env

@@ -1,0 +1,104 @@
+"""Run the production stack (gunicorn -c deploy/gunicorn.conf.py wsgi:app) as a subprocess.
+
+The listening socket is bound here, on 127.0.0.1 port 0, and handed to gunicorn as
+``fd://N``: no port is guessed, and no other process can take it in between.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 20.0
+
+
+class Gunicorn:
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def connection(self, timeout: float = 30.0) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+
+def write_config(directory: Path, config: dict) -> Path:
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@contextmanager
+def run_gunicorn(config_path: Path, env: dict, workers: int = 1, threads: int = 8, wait: bool = True):
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    log_file = tempfile.NamedTemporaryFile(prefix="gunicorn-", suffix=".log", delete=False)
+    env = {**env, "CONFIG_FILE_PATH": str(config_path), "PROXY_THREADS": str(threads), "WEB_CONCURRENCY": str(workers), "PROXY_GRACEFUL_TIMEOUT": "5"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "-b", f"fd://{fd}"],
+        cwd=ROOT,
+        env=env,
+        pass_fds=[fd],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    listener.close()
+    server = Gunicorn(proc, port, Path(log_file.name))
+    try:
+        if wait:
+            _wait_ready(server)
+        yield server
+    finally:
+        _stop(proc)
+        log_file.close()
+        os.unlink(log_file.name)
+
+
+def _wait_ready(server: Gunicorn) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited {server.proc.returncode}:\n{server.log()}")
+        try:
+            conn = server.connection(timeout=1)
+            conn.request("GET", "/health/readiness")
+            if conn.getresponse().status == 200:
+                conn.close()
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"gunicorn not ready after {START_TIMEOUT}s:\n{server.log()}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
