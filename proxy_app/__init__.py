@@ -9,11 +9,14 @@ from flask import Flask
 
 from proxy_app import errors
 from proxy_app import health
+from proxy_app import metrics
 from proxy_app import routes
 from proxy_app.config import Settings
 from proxy_app.config import load_config
 from proxy_app.config import log_summary
 from proxy_app.forward import Forwarder
+from proxy_app.logs import truthy
+from proxy_app.observe import AccessLog
 from proxy_app.upstream import Transport
 
 DEFAULT_THREADS = 32
@@ -24,8 +27,11 @@ def create_app(config: str | os.PathLike | Mapping | Settings | None = None, env
 
     :raises proxy_app.config.ConfigError: the config cannot be served.
     """
-    settings = config if isinstance(config, Settings) else load_config(config, environ)
-    log_summary(settings)
+    if isinstance(config, Settings):
+        settings = config  # validated (and summarised) by whoever loaded it
+    else:
+        settings = load_config(config, environ)
+        log_summary(settings)
     app = Flask(__name__, static_folder=None)
     app.extensions["proxy_app"] = settings
     # One pooled connection per gunicorn thread (PROXY_THREADS, as in deploy/gunicorn.conf.py).
@@ -33,7 +39,10 @@ def create_app(config: str | os.PathLike | Mapping | Settings | None = None, env
         pool_maxsize=int(environ.get("PROXY_THREADS", DEFAULT_THREADS)),
         connect_timeout=settings.connect_timeout,
     )
+    detailed_debug = truthy(environ.get("DETAILED_DEBUG"))
     errors.init_app(app)
     health.init_app(app, settings)
-    routes.init_app(app, settings.endpoints, Forwarder(settings, transport))
+    metrics.init_app(app)
+    routes.init_app(app, settings.endpoints, Forwarder(settings, transport, detailed_debug))
+    app.wsgi_app = AccessLog(app.wsgi_app)
     return app

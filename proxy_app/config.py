@@ -105,6 +105,8 @@ class Endpoint:
     timeout: float
     cost_per_request: float
     configured_names: frozenset[str] = field(default=frozenset())
+    # The target came from os.environ/: its path or query may itself be a secret.
+    target_is_secret: bool = False
 
     @property
     def origin(self) -> str:
@@ -332,6 +334,7 @@ class _Validator:
             cost_per_request=float(cost),
             default_query_params=defaults,
             configured_names=frozenset(name.lower() for name, _ in headers),
+            target_is_secret=ENV_PREFIX in entry.get("target", ""),
             **flags,
         )
 

@@ -10,6 +10,7 @@ pure functions in urls.py and headers.py; here they are only put in order.
 from __future__ import annotations
 
 import errno
+import time
 import uuid
 
 import requests
@@ -20,11 +21,14 @@ from flask import request
 from proxy_app.auth import key_carriers
 from proxy_app.config import Endpoint
 from proxy_app.config import Settings
+from proxy_app.debug import debug_request
+from proxy_app.debug import debug_response
 from proxy_app.errors import error_response
 from proxy_app.errors import upstream_error_response
 from proxy_app.headers import caller_headers
 from proxy_app.headers import outbound_headers
 from proxy_app.headers import response_headers
+from proxy_app.observe import RECORD_KEY
 from proxy_app.upstream import CHUNK_SIZE
 from proxy_app.upstream import IncompleteRequestBody
 from proxy_app.upstream import LengthLimitedBody
@@ -60,13 +64,18 @@ class UpstreamAborted(ConnectionResetError):
 class Forwarder:
     """Forwards the current Flask request to an endpoint's target and relays the answer."""
 
-    def __init__(self, settings: Settings, transport: Transport):
+    def __init__(self, settings: Settings, transport: Transport, detailed_debug: bool = False):
         self.master_key = settings.master_key.encode() if settings.master_key else None
         self.transport = transport
+        self.debug = detailed_debug
 
     def __call__(self, endpoint: Endpoint, subpath: bool) -> Response:
         environ = request.environ
         call_id = str(uuid.uuid4())
+        record = environ[RECORD_KEY]
+        record.route = endpoint.path
+        record.call_id = call_id
+        record.cost = endpoint.cost_per_request
         carriers = key_carriers(environ, self.master_key, endpoint.key_header)
         if endpoint.auth and not carriers:
             return unauthorized(environ, endpoint, call_id)
@@ -96,12 +105,21 @@ class Forwarder:
         if body is False:
             return error_response(400, "Invalid Content-Length.", "invalid_request_error")
 
+        if self.debug:
+            shown_path = "/***" if endpoint.target_is_secret else path
+            debug_request(call_id, request.method, endpoint.origin, shown_path, query, headers)
         try:
             upstream = self.transport.send(request.method, url, headers, body, endpoint.timeout)
         except IncompleteRequestBody:
+            record.error = "incomplete_request_body"
             return error_response(400, "The request body ended before its Content-Length.", "invalid_request_error")
         except requests.RequestException as exc:
-            return upstream_error_response(exc, call_id)[0]
+            response, record.error = upstream_error_response(exc, call_id)
+            return response
+        record.ttfb = time.perf_counter() - record.started
+        if self.debug:
+            debug_response(call_id, upstream.raw)
+        record.stream_started()
         return relay(upstream, call_id)
 
 

@@ -1,0 +1,57 @@
+"""Prometheus metrics, correct across gunicorn workers (SPEC §7).
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (deploy/gunicorn.conf.py sets it before any worker
+starts) every worker writes its samples to files in that directory and ``/metrics``
+merges them, so a scrape that lands on any worker sees the sum over all of them
+(prometheus/client_python "multiprocess mode"). Without it (tests, a single process) the
+default registry is served.
+
+The environment variable must be set before this module is imported: prometheus_client
+chooses its value storage at import time.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flask import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter
+from prometheus_client import Gauge
+from prometheus_client import Histogram
+from prometheus_client import generate_latest
+from prometheus_client import multiprocess
+
+# Seconds; LLM calls range from milliseconds (rerank) to minutes (long streams).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+REQUESTS = Counter("proxy_requests_total", "Requests answered, by route, method and status.", ["route", "method", "status"])
+DURATION = Histogram("proxy_request_duration_seconds", "Time from request to the end of the response body.", ["route"], buckets=DURATION_BUCKETS)
+TTFB = Histogram("proxy_upstream_ttfb_seconds", "Time from request to the upstream's response head.", ["route"], buckets=DURATION_BUCKETS)
+REQUEST_BYTES = Counter("proxy_request_bytes_total", "Request body bytes read from callers.", ["route"])
+RESPONSE_BYTES = Counter("proxy_response_bytes_total", "Response body bytes written to callers.", ["route"])
+UPSTREAM_ERRORS = Counter("proxy_upstream_errors_total", "Upstream failures, by kind.", ["route", "kind"])
+IN_FLIGHT = Gauge("proxy_streams_in_flight", "Upstream responses being relayed now.", ["route"], multiprocess_mode="livesum")
+
+
+def registry():
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return merged
+    return REGISTRY
+
+
+def init_app(app) -> None:
+    def metrics():
+        return Response(generate_latest(registry()), content_type=CONTENT_TYPE_LATEST)
+
+    app.add_url_rule("/metrics", "metrics", metrics, methods=["GET"])
+
+
+def mark_worker_dead(pid: int) -> None:
+    """gunicorn ``child_exit`` hook: drop a dead worker's live gauges."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,143 @@
+"""Per-request accounting: one JSON access-log line and the metrics, when the body is done.
+
+:class:`AccessLog` wraps the WSGI app. It counts request bytes read and response bytes
+written, and, when the server closes the response (after the last byte of a stream, or
+when the caller went away), writes one line to the ``proxy_app.access`` logger and updates
+the metrics. The forwarding view fills in what only it knows (route, call id, cost,
+time to first upstream byte, upstream error) on the :class:`Record` it finds in the environ.
+
+The line never holds a header value, a key, a query string or a body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime
+from datetime import timezone
+
+from proxy_app import metrics
+from proxy_app.urls import split_request_target
+
+access_log = logging.getLogger("proxy_app.access")
+RECORD_KEY = "proxy_app.record"
+
+
+class Record:
+    """What is known about one request; the view fills in the pass-through fields."""
+
+    __slots__ = ("started", "route", "call_id", "cost", "ttfb", "error", "status", "streaming", "request_bytes", "response_bytes")
+
+    def __init__(self, started: float):
+        self.started = started
+        self.route = None
+        self.call_id = None
+        self.cost = None
+        self.ttfb = None
+        self.error = None
+        self.status = 0
+        self.streaming = False
+        self.request_bytes = 0
+        self.response_bytes = 0
+
+    def stream_started(self) -> None:
+        self.streaming = True
+        metrics.IN_FLIGHT.labels(self.route).inc()
+
+
+class CountingInput:
+    """wsgi.input that counts the bytes the proxy reads from the caller."""
+
+    __slots__ = ("_stream", "_record")
+
+    def __init__(self, stream, record: Record):
+        self._stream = stream
+        self._record = record
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._record.request_bytes += len(data)
+        return data
+
+
+class AccessLog:
+    """WSGI middleware: account for every request when its response is closed."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        record = Record(time.perf_counter())
+        environ[RECORD_KEY] = record
+        environ["wsgi.input"] = CountingInput(environ["wsgi.input"], record)
+
+        def start(status, headers, exc_info=None):
+            record.status = int(status[:3])
+            return start_response(status, headers, exc_info)
+
+        return _CountedBody(self.app(environ, start), record, environ)
+
+
+class _CountedBody:
+    __slots__ = ("_body", "_record", "_environ")
+
+    def __init__(self, body, record: Record, environ):
+        self._body = body
+        self._record = record
+        self._environ = environ
+
+    def __iter__(self):
+        record = self._record
+        try:
+            for chunk in self._body:
+                record.response_bytes += len(chunk)
+                yield chunk
+        except Exception as exc:
+            record.error = record.error or f"aborted: {type(exc).__name__}"
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            finish(self._record, self._environ)
+
+
+def finish(record: Record, environ) -> None:
+    duration = time.perf_counter() - record.started
+    route = record.route or ""
+    method = environ.get("REQUEST_METHOD", "")
+    metrics.REQUESTS.labels(route, method, str(record.status)).inc()
+    metrics.DURATION.labels(route).observe(duration)
+    metrics.REQUEST_BYTES.labels(route).inc(record.request_bytes)
+    metrics.RESPONSE_BYTES.labels(route).inc(record.response_bytes)
+    if record.ttfb is not None:
+        metrics.TTFB.labels(route).observe(record.ttfb)
+    if record.error:
+        metrics.UPSTREAM_ERRORS.labels(route, record.error.split(":", 1)[0]).inc()
+    if record.streaming:
+        metrics.IN_FLIGHT.labels(route).dec()
+    if access_log.isEnabledFor(logging.INFO):
+        raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO", "")
+        access_log.info(
+            json.dumps(
+                {
+                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                    "method": method,
+                    "path": split_request_target(raw)[0],
+                    "route": record.route,
+                    "status": record.status,
+                    "request_bytes": record.request_bytes,
+                    "response_bytes": record.response_bytes,
+                    "duration_ms": round(duration * 1000, 3),
+                    "ttfb_ms": None if record.ttfb is None else round(record.ttfb * 1000, 3),
+                    "call_id": record.call_id,
+                    "cost_per_request": record.cost,
+                    "upstream_error": record.error,
+                },
+                separators=(",", ":"),
+            )
+        )
