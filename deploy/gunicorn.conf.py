@@ -35,7 +35,8 @@ wsgi_app = "wsgi:app"
 # Behind nginx on the same VM, bind to 127.0.0.1:4000 (PROXY_BIND); 0.0.0.0 is LiteLLM's
 # default and what a container needs.
 bind = os.environ.get("PROXY_BIND", "0.0.0.0:4000")
-worker_class = "gthread"
+# gthread, answering an unsupported Transfer-Encoding with 400 instead of 501 (SPEC §8).
+worker_class = "proxy_app.worker.ProxyThreadWorker"
 # Processes: the proxy is I/O-bound and scales by threads; about one per core.
 workers = _int("WEB_CONCURRENCY", 2)
 # One thread per concurrent request or open stream. The app sizes its upstream connection

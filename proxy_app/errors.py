@@ -15,6 +15,11 @@ import json
 
 import requests
 from flask import Response
+from flask import request
+
+from proxy_app.body import close_after_response
+from proxy_app.body import drain
+from proxy_app.body import has_body
 
 
 def error_response(status: int, message: str, kind: str, headers: list[tuple[str, str]] = ()) -> Response:
@@ -23,6 +28,13 @@ def error_response(status: int, message: str, kind: str, headers: list[tuple[str
         separators=(",", ":"),
     )
     return Response(body, status=status, headers=list(headers), content_type="application/json")
+
+
+def settle_body(environ, response: Response) -> Response:
+    """Before a proxy-made answer: read off an unread request body, or close after it."""
+    if has_body(environ) and not drain(environ):
+        close_after_response(environ, response)
+    return response
 
 
 def upstream_error_response(exc: requests.RequestException, call_id: str) -> tuple[Response, str]:
@@ -47,13 +59,16 @@ def init_app(app) -> None:
 
     @app.errorhandler(404)
     def not_found(_exc):
-        return error_response(404, "No pass-through endpoint is configured for this path.", "not_found_error")
+        response = error_response(404, "No pass-through endpoint is configured for this path.", "not_found_error")
+        return settle_body(request.environ, response)
 
     @app.errorhandler(405)
     def method_not_allowed(exc):
         allow = ", ".join(sorted(exc.valid_methods or ()))
-        return error_response(405, "Method not allowed on this path.", "method_not_allowed", [("Allow", allow)])
+        response = error_response(405, "Method not allowed on this path.", "method_not_allowed", [("Allow", allow)])
+        return settle_body(request.environ, response)
 
     @app.errorhandler(400)
     def bad_request(_exc):
-        return error_response(400, "Malformed request.", "invalid_request_error")
+        response = error_response(400, "Malformed request.", "invalid_request_error")
+        return settle_body(request.environ, response)

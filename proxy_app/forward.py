@@ -15,31 +15,44 @@ import uuid
 
 import requests
 import urllib3
+from urllib3.exceptions import HeaderParsingError
+from urllib3.util.response import assert_header_parsing
 from flask import Response
 from flask import request
 
 from proxy_app.auth import key_carriers
+from proxy_app.body import CHUNK_SIZE
+from proxy_app.body import BadRequestBody
+from proxy_app.body import close_after_response
+from proxy_app.body import request_body
 from proxy_app.config import Endpoint
 from proxy_app.config import Settings
 from proxy_app.debug import debug_request
 from proxy_app.debug import debug_response
 from proxy_app.errors import error_response
+from proxy_app.errors import settle_body
 from proxy_app.errors import upstream_error_response
+from proxy_app.headers import InvalidUpstreamHeaders
 from proxy_app.headers import caller_headers
 from proxy_app.headers import outbound_headers
 from proxy_app.headers import response_headers
 from proxy_app.observe import RECORD_KEY
-from proxy_app.upstream import CHUNK_SIZE
-from proxy_app.upstream import IncompleteRequestBody
-from proxy_app.upstream import LengthLimitedBody
 from proxy_app.upstream import Transport
-from proxy_app.upstream import chunked_body
 from proxy_app.urls import build_query
 from proxy_app.urls import has_dot_segment
 from proxy_app.urls import join_path
 from proxy_app.urls import split_request_target
 from proxy_app.urls import subpath_rest
 from proxy_app.urls import upstream_url
+
+
+NOT_FOUND = "No pass-through endpoint is configured for this path."
+DOT_SEGMENTS = "Dot segments ('.', '..') are not allowed in the path."
+HEADERS_TOO_LARGE = "The request headers are too large."
+BAD_UPSTREAM_HEAD = "The upstream sent a response head that cannot be relayed."
+# The caller's header block, in total: gunicorn limits each line and the line count, not
+# the sum (100 x 8 KiB would pass). nginx's default allows 32 KiB.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class RelayResponse(Response):
@@ -78,49 +91,59 @@ class Forwarder:
         record.cost = endpoint.cost_per_request
         carriers = key_carriers(environ, self.master_key, endpoint.key_header)
         if endpoint.auth and not carriers:
-            return unauthorized(environ, endpoint, call_id)
+            return settle_body(environ, unauthorized(environ, endpoint, call_id))
 
         raw_path, caller_query = split_request_target(raw_request_target(environ))
         path = endpoint.target_path
         if subpath:
             rest = subpath_rest(raw_path, endpoint.path)
             if rest is None:
-                return error_response(404, "No pass-through endpoint is configured for this path.", "not_found_error")
+                return settle_body(environ, error_response(404, NOT_FOUND, "not_found_error"))
             if has_dot_segment(rest):
-                return error_response(400, "Dot segments ('.', '..') are not allowed in the path.", "invalid_request_error")
+                return settle_body(environ, error_response(400, DOT_SEGMENTS, "invalid_request_error"))
             path = join_path(endpoint.target_path, rest)
         query = build_query(caller_query, endpoint.target_query, endpoint.merge_query_params, endpoint.default_query_params)
         url = upstream_url(endpoint.origin, path, query)
 
+        caller = caller_headers(environ)
+        if sum(len(name) + len(value) for name, value in caller) > MAX_HEADER_BYTES:
+            return settle_body(environ, error_response(431, HEADERS_TOO_LARGE, "invalid_request_error"))
         consumed = carriers | {endpoint.key_header} if endpoint.key_header else carriers
         headers = outbound_headers(
-            caller_headers(environ),
+            caller,
             endpoint.headers,
             endpoint.configured_names,
             endpoint.forward_headers,
             environ.get("REMOTE_ADDR"),
             consumed,
         )
-        body = request_body(environ, headers)
-        if body is False:
-            return error_response(400, "Invalid Content-Length.", "invalid_request_error")
 
         if self.debug:
             shown_path = "/***" if endpoint.target_is_secret else path
             debug_request(call_id, request.method, endpoint.origin, shown_path, query, headers)
         try:
+            body = request_body(environ, headers)
             upstream = self.transport.send(request.method, url, headers, body, endpoint.timeout)
-        except IncompleteRequestBody:
-            record.error = "incomplete_request_body"
-            return error_response(400, "The request body ended before its Content-Length.", "invalid_request_error")
+        except BadRequestBody as exc:
+            # The rest of the connection cannot be trusted to hold a next request.
+            record.error = "bad_request_body"
+            response = error_response(exc.status, str(exc) + ".", "invalid_request_error")
+            close_after_response(environ, response)
+            return response
         except requests.RequestException as exc:
             response, record.error = upstream_error_response(exc, call_id)
-            return response
+            return settle_body(environ, response)
         record.ttfb = time.perf_counter() - record.started
         if self.debug:
             debug_response(call_id, upstream.raw)
+        try:
+            response = relay(upstream, call_id)
+        except InvalidUpstreamHeaders:
+            upstream.close()  # never back into the pool
+            record.error = "invalid_response"
+            return settle_body(environ, error_response(502, BAD_UPSTREAM_HEAD, "upstream_error", [("x-litellm-call-id", call_id)]))
         record.stream_started()
-        return relay(upstream, call_id)
+        return response
 
 
 def raw_request_target(environ) -> str:
@@ -136,25 +159,6 @@ def raw_request_target(environ) -> str:
     return f"{path}?{query}" if query else path
 
 
-def request_body(environ, headers: list[tuple[str, str]]):
-    """The body to stream upstream, adding the framing header that describes it.
-
-    Content-Length is kept when the caller sent one; a chunked upload is forwarded chunked
-    (urllib3 adds Transfer-Encoding itself); never both (RFC 9112 §6.1). ``False`` means
-    the Content-Length was invalid.
-    """
-    length = environ.get("CONTENT_LENGTH")
-    stream = environ["wsgi.input"]
-    if length:
-        if not length.isdigit():
-            return False
-        headers.append(("Content-Length", length))
-        return LengthLimitedBody(stream, int(length)) if int(length) else None
-    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower() and environ.get("wsgi.input_terminated"):
-        return chunked_body(stream)
-    return None
-
-
 def unauthorized(environ, endpoint: Endpoint, call_id: str) -> Response:
     presented = environ.get("HTTP_AUTHORIZATION") or environ.get("HTTP_X_LITELLM_API_KEY") or (
         endpoint.key_header and environ.get("HTTP_" + endpoint.key_header.upper().replace("-", "_"))
@@ -166,6 +170,7 @@ def unauthorized(environ, endpoint: Endpoint, call_id: str) -> Response:
 def relay(upstream: requests.Response, call_id: str) -> Response:
     """Relay the upstream status line, headers and body exactly, streaming the body."""
     raw = upstream.raw
+    check_head_parsed(raw)
     headers = response_headers(raw.headers.items())
     headers.append(("x-litellm-call-id", call_id))
     if "text/event-stream" in raw.headers.get("content-type", ""):
@@ -178,6 +183,20 @@ def relay(upstream: requests.Response, call_id: str) -> Response:
     # returned the connection to the pool and this is a no-op.
     response.call_on_close(upstream.close)
     return response
+
+
+def check_head_parsed(raw) -> None:
+    """Refuse a head http.client could only partly parse.
+
+    A malformed line ("Content-Length : 2") ends http.client's header parsing early; the
+    rest of the head would be read as body. urllib3 only logs this (HeaderParsingError).
+    """
+    message = getattr(getattr(raw, "_original_response", None), "msg", None)
+    if message is not None:
+        try:
+            assert_header_parsing(message)
+        except HeaderParsingError:
+            raise InvalidUpstreamHeaders("unparsable response head") from None
 
 
 def relay_body(raw):

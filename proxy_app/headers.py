@@ -69,6 +69,8 @@ CREDENTIAL_HEADERS = frozenset(
     }
 )
 
+# Control characters other than HTAB are invalid in a field value (RFC 9110 §5.5).
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
@@ -144,14 +146,50 @@ def outbound_headers(
     return [*chosen.values(), *configured]
 
 
+class InvalidUpstreamHeaders(ValueError):
+    """The upstream's response head cannot be relayed faithfully (answer 502 instead)."""
+
+
 def response_headers(upstream: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Upstream response headers to relay: all of them, repeats kept, minus hop-by-hop.
 
     Content-Length and Content-Encoding stay: the body is relayed byte for byte, undecoded.
+    A head whose framing is ambiguous is refused (RFC 9112 §6.3: Content-Length with
+    Transfer-Encoding, a coding other than chunked, a Content-Length that is not one
+    number), as is any name or value that could not be written back as it came.
+
+    :raises InvalidUpstreamHeaders: naming what was wrong (never a value).
     """
     items = list(upstream)
-    drop = HOP_BY_HOP
-    connection = [v for n, v in items if n.lower() == "connection"]
-    if connection:
-        drop = drop | connection_tokens(connection)
-    return [(n, v) for n, v in items if n.lower() not in drop]
+    lengths = []
+    codings = []
+    connection = []
+    for name, value in items:
+        if not is_token(name) or _BAD_VALUE.search(value):
+            raise InvalidUpstreamHeaders(f"invalid header {name!r}")
+        lower = name.lower()
+        if lower == "content-length":
+            lengths.extend(v.strip() for v in value.split(","))
+        elif lower == "transfer-encoding":
+            codings.extend(v.strip().lower() for v in value.split(","))
+        elif lower == "connection":
+            connection.append(value)
+    if codings and (lengths or codings != ["chunked"]):
+        raise InvalidUpstreamHeaders("ambiguous Transfer-Encoding framing")
+    if lengths and (len(set(lengths)) != 1 or not lengths[0].isdigit()):
+        raise InvalidUpstreamHeaders("invalid Content-Length")
+    drop = HOP_BY_HOP | connection_tokens(connection) if connection else HOP_BY_HOP
+    relayed = []
+    length_sent = False
+    for name, value in items:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == "content-length":
+            # One line with one number, even where the upstream repeated an identical
+            # value ("5, 5" or two lines, RFC 9110 §8.6): gunicorn needs a single integer.
+            if length_sent:
+                continue
+            value, length_sent = lengths[0], True
+        relayed.append((name, value))
+    return relayed

@@ -16,6 +16,7 @@ from werkzeug.routing import Rule
 
 from proxy_app.config import Endpoint
 from proxy_app.errors import error_response
+from proxy_app.errors import settle_body
 
 
 class RestConverter(BaseConverter):
@@ -55,7 +56,8 @@ def _view(table: dict[str, Endpoint], forward, subpath: bool):
     def view(rest=None):
         endpoint = table.get(request.method)
         if endpoint is None:
-            return error_response(405, "Method not allowed on this path.", "method_not_allowed", [("Allow", allow)])
+            response = error_response(405, "Method not allowed on this path.", "method_not_allowed", [("Allow", allow)])
+            return settle_body(request.environ, response)
         return forward(endpoint, subpath)
 
     return view

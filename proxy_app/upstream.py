@@ -21,48 +21,20 @@ import threading
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3 import HTTPHeaderDict
+from urllib3 import connectionpool
 from urllib3.util import SKIP_HEADER
 
-# Relay granularity: read1() returns whatever has arrived, up to this many bytes, so an
-# SSE event goes out as soon as it comes in and a large body moves in 64 KiB steps.
-CHUNK_SIZE = 64 * 1024
+def _keep_target(target: str) -> str:
+    return target
 
 
-class IncompleteRequestBody(Exception):
-    """The caller's body ended before its Content-Length: never forward it as complete."""
-
-
-class LengthLimitedBody:
-    """A file-like view of exactly ``length`` bytes of the WSGI input.
-
-    urllib3 streams it in blocks; the caller's Content-Length header is sent as it is, and
-    a short body raises instead of ending early, so the upstream never sees a truncated
-    body presented as complete.
-    """
-
-    def __init__(self, stream, length: int):
-        self._stream = stream
-        self._remaining = length
-
-    def read(self, size: int = -1) -> bytes:
-        if self._remaining <= 0:
-            return b""
-        if size is None or size < 0 or size > self._remaining:
-            size = self._remaining
-        data = self._stream.read(size)
-        if not data:
-            raise IncompleteRequestBody(f"request body ended {self._remaining} bytes short of its Content-Length")
-        self._remaining -= len(data)
-        return data
-
-
-def chunked_body(stream, size: int = CHUNK_SIZE):
-    """Yield a chunked (length-less) WSGI input as it arrives; urllib3 re-chunks it."""
-    while True:
-        data = stream.read(size)
-        if not data:
-            return
-        yield data
+# urllib3 re-encodes every request-target in HTTPConnectionPool.urlopen: it upper-cases
+# escapes (%2f -> %2F) and, when one escape in a component is invalid, encodes every "%"
+# of that component again (/a%2Fb/%zz -> /a%252Fb/%25zz, which names a different path).
+# The proxy sends the caller's raw target, already validated by gunicorn's request-line
+# parser, below a config-validated target path: it must reach the upstream byte for byte
+# (SPEC §3). The proxy is the only urllib3 user in its processes.
+connectionpool._encode_target = _keep_target
 
 
 def new_session(pool_maxsize: int) -> requests.Session:
@@ -109,7 +81,7 @@ class Transport:
         """Send one request and return as soon as the response head has arrived.
 
         :raises requests.RequestException: the upstream failed before the response began.
-        :raises IncompleteRequestBody: the caller's body was shorter than announced.
+        :raises proxy_app.body.BadRequestBody: the caller's body broke its framing.
         """
         outgoing = HTTPHeaderDict(headers)
         # urllib3 would add "User-Agent: python-urllib3/x" and http.client

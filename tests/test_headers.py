@@ -8,6 +8,7 @@ from proxy_app.headers import caller_headers
 from proxy_app.headers import connection_tokens
 from proxy_app.headers import is_token
 from proxy_app.headers import outbound_headers
+from proxy_app.headers import InvalidUpstreamHeaders
 from proxy_app.headers import response_headers
 
 P = pytest.param
@@ -297,7 +298,34 @@ HOP_BY_HOP = ["Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticat
 
 @pytest.mark.parametrize("name", [*HOP_BY_HOP, *(n.lower() for n in HOP_BY_HOP)])
 def test_response_headers_hop_by_hop_dropped(name):
-    assert response_headers([("X-A", "1"), (name, "x"), ("X-B", "2")]) == [("X-A", "1"), ("X-B", "2")]
+    value = "chunked" if name.lower() == "transfer-encoding" else "x"
+    assert response_headers([("X-A", "1"), (name, value), ("X-B", "2")]) == [("X-A", "1"), ("X-B", "2")]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        P([("Content-Length", "3"), ("Transfer-Encoding", "chunked")], id="cl-and-te"),
+        P([("Transfer-Encoding", "xchunked")], id="unknown-coding"),
+        P([("Transfer-Encoding", "gzip, chunked")], id="coding-list"),
+        P([("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")], id="te-twice"),
+        P([("Content-Length", "abc")], id="cl-not-a-number"),
+        P([("Content-Length", "-1")], id="cl-negative"),
+        P([("Content-Length", "5"), ("Content-Length", "6")], id="cl-differing-lines"),
+        P([("Content-Length", "5, 6")], id="cl-differing-list"),
+        P([("X-A", "a\x00b")], id="nul-in-value"),
+        P([("X-A", "a\rb")], id="cr-in-value"),
+        P([("X A", "1")], id="space-in-name"),
+    ],
+)
+def test_response_headers_refuse_what_cannot_be_relayed_faithfully(head):
+    with pytest.raises(InvalidUpstreamHeaders):
+        response_headers(head)
+
+
+def test_response_headers_fold_identical_content_lengths_into_one_line():
+    head = [("Content-Length", "5"), ("X-A", "1"), ("content-length", "5, 5")]
+    assert response_headers(head) == [("Content-Length", "5"), ("X-A", "1")]
 
 
 def test_response_headers_accepts_iterator():

@@ -1,0 +1,102 @@
+"""Profile the WSGI app in-process (no gunicorn): CPU per request of the proxy's own code.
+
+    .venv/bin/python bench/profile_app.py --upstream-port PORT [--n 20000] [--profile]
+
+Needs an upstream that answers POST /v1/rerank on 127.0.0.1:PORT (bench/upstream.c, or
+any fast server). Calls the app the way gunicorn does (environ, start_response, iterate,
+close) with a Cohere-rerank-shaped request, and prints microseconds per request; with
+--profile, the top functions by own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from proxy_app import create_app  # noqa: E402
+
+BODY = b'{"model":"rerank-english-v3.0","query":"What is the capital of the United States?","top_n":3,"documents":["Carson City is the capital city of the American state of Nevada.","Washington, D.C. is the capital of the United States."]}'
+
+
+def environ_for(port: int) -> dict:
+    return {
+        "REQUEST_METHOD": "POST",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": "/bench/rerank",
+        "QUERY_STRING": "",
+        "RAW_URI": "/bench/rerank",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "4000",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(len(BODY)),
+        "HTTP_HOST": "127.0.0.1:4000",
+        "HTTP_USER_AGENT": "h2load nghttp2/1.52.0",
+        "HTTP_ACCEPT": "*/*",
+        "HTTP_AUTHORIZATION": "Bearer sk-1234",
+        "wsgi.url_scheme": "http",
+        "wsgi.input_terminated": True,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+        "wsgi.errors": sys.stderr,
+        "wsgi.version": (1, 0),
+    }
+
+
+def one(app, base: dict) -> None:
+    environ = dict(base)
+    environ["wsgi.input"] = io.BytesIO(BODY)
+    body = app(environ, lambda status, headers, exc_info=None: None)
+    for _ in body:
+        pass
+    body.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    config = {
+        "general_settings": {
+            "master_key": "sk-1234",
+            "pass_through_endpoints": [
+                {
+                    "path": "/bench/rerank",
+                    "target": f"http://127.0.0.1:{args.upstream_port}/v1/rerank",
+                    "headers": {"Authorization": "bearer bench-cohere-key", "content-type": "application/json"},
+                }
+            ],
+        }
+    }
+    app = create_app(config, environ={})
+    base = environ_for(args.upstream_port)
+    for _ in range(500):
+        one(app, base)
+    profiler = cProfile.Profile() if args.profile else None
+    started = time.process_time()
+    if profiler:
+        profiler.enable()
+    for _ in range(args.n):
+        one(app, base)
+    if profiler:
+        profiler.disable()
+    cpu = time.process_time() - started
+    print(f"{cpu / args.n * 1e6:.1f} us CPU per request (n={args.n}, this process only{', profiled' if profiler else ''})")
+    if profiler:
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("tottime").print_stats(35)
+
+
+if __name__ == "__main__":
+    main()
