@@ -31,6 +31,7 @@ from tests.test_e2e import read_chunked_events  # noqa: E402
 from tests.upstream import Upstream  # noqa: E402
 from tests.upstream import big_download  # noqa: E402
 from tests.upstream import sse  # noqa: E402
+from tests.upstream import wait_sent  # noqa: E402
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -106,7 +107,7 @@ def main() -> None:
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
                 sock.sendall(b"GET /sse HTTP/1.1\r\nHost: x\r\n\r\n")
                 received = read_chunked_events(sock, len(events), time.monotonic() + 30)
-            delays = [(at - sent) * 1000 for (_, at), sent in zip(received, handler.sent_at)]
+            delays = [(at - sent) * 1000 for (_, at), sent in zip(received, wait_sent(handler, len(events)))]
             print(
                 f"SSE {len(delays)} events, {args.interval * 1000:.0f} ms apart: delay upstream write -> caller read "
                 f"median {statistics.median(delays):.2f} ms, first {delays[0]:.2f} ms, max {max(delays):.2f} ms"

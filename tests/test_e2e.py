@@ -26,6 +26,7 @@ from tests.upstream import die_mid_body
 from tests.upstream import fixed
 from tests.upstream import pattern_sha256
 from tests.upstream import sse
+from tests.upstream import wait_sent
 
 COHERE_KEY = "co-test-key-7f3a"
 LF_PUBLIC = "pk-lf-env-public"
@@ -152,9 +153,10 @@ def test_stream_reaches_caller_event_by_event(tmp_path, upstream, proxy_env, con
             sock.sendall(b"POST /s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
             received = read_chunked_events(sock, len(events), time.monotonic() + 10)
     assert [data for data, _ in received] == events
+    sent_at = wait_sent(handler, len(events))
     for index in range(len(events) - 1):
         # The caller read event i before the upstream even wrote event i+1.
-        assert received[index][1] < handler.sent_at[index + 1], index
+        assert received[index][1] < sent_at[index + 1], index
 
 
 def test_fifty_megabytes_each_way(tmp_path, upstream, proxy_env):

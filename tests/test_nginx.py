@@ -32,6 +32,7 @@ from tests.gunicorn_proc import write_config
 from tests.test_e2e import read_chunked_events
 from tests.upstream import fixed
 from tests.upstream import sse
+from tests.upstream import wait_sent
 
 SITE = ROOT / "deploy" / "nginx.conf"
 LISTEN = "listen 80;"
@@ -287,9 +288,10 @@ def test_stream_reaches_caller_event_by_event_through_nginx(upstream, stack, con
         tap = Tap(sock)
         received = read_chunked_events(tap, len(events), time.monotonic() + 10)
     assert [data for data, _ in received] == events, nginx.log()
+    sent_at = wait_sent(handler, len(events))
     for index in range(len(events) - 1):
         # The caller read event i before the upstream even wrote event i+1: nothing held it.
-        assert received[index][1] < handler.sent_at[index + 1], index
+        assert received[index][1] < sent_at[index + 1], index
 
     head = head_lines(bytes(tap.received))
     assert head[0].startswith(b"http/1.1 200"), head
@@ -349,8 +351,9 @@ def test_content_length_body_is_relayed_as_it_arrives_through_nginx(upstream, st
             if len(arrived) < len(pieces):
                 body += sock.recv(65536)
     assert body == b"".join(pieces), nginx.log()
+    sent_at = wait_sent(handler, len(pieces))
     for index in range(len(pieces) - 1):
-        assert arrived[index] < handler.sent_at[index + 1], index
+        assert arrived[index] < sent_at[index + 1], index
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
@@ -474,7 +477,7 @@ def test_more_slow_header_callers_than_threads_do_not_stop_others(tmp_path, upst
             conn.request("GET", "/s")
             response = conn.getresponse()
             assert (response.status, response.read()) == (200, b"ok")
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 2.0
             conn.close()
             for thread in slow:
                 thread.join(timeout=10)

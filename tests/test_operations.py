@@ -26,6 +26,7 @@ from tests.gunicorn_proc import write_config
 from tests.upstream import fixed
 from tests.upstream import sse
 from tests.upstream import stall
+from tests.upstream import wait_sent
 
 MASTER = "sk-master-operations-5150"
 CALLER_KEY = "caller-secret-token-9911"
@@ -268,7 +269,7 @@ def test_access_log_has_one_json_line_per_request_when_its_body_is_done(tmp_path
         assert len(json_lines(server.log())) == 5
         assert response.read() == b"data: 2\n\ndata: 3\n\n"
         lines = wait_until(lambda: (ls := json_lines(server.log())) and len(ls) >= 6 and ls, 10, "the stream's line")
-    assert len(handler.sent_at) == 3
+    assert len(wait_sent(handler, 3)) == 3
     fields = {"time", "method", "path", "route", "status", "request_bytes", "response_bytes", "duration_ms", "ttfb_ms",
               "call_id", "cost_per_request", "upstream_error"}
     assert all(set(line) == fields for line in lines)

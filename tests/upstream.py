@@ -778,3 +778,17 @@ class Upstream:
             return
         text = "".join(traceback.format_exception(exc))
         self._note_error(f"conn {conn_id}: {text}")
+
+
+def wait_sent(handler, count: int, timeout: float = 5.0) -> list[float]:
+    """The handler's ``sent_at`` once it holds ``count`` stamps.
+
+    A stamp is taken just after a write returns, so the caller may read the last event
+    a moment before its stamp exists.
+    """
+    deadline = time.monotonic() + timeout
+    while len(handler.sent_at) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(handler.sent_at) >= count, handler.sent_at
+    return handler.sent_at
+
