@@ -20,7 +20,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy_app import create_app  # noqa: E402
 
 BODY = b'{"model":"rerank-english-v3.0","query":"What is the capital of the United States?","top_n":3,"documents":["Carson City is the capital city of the American state of Nevada.","Washington, D.C. is the capital of the United States."]}'
 
@@ -66,7 +65,19 @@ def main() -> None:
     parser.add_argument("--upstream-port", type=int, required=True)
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--production", action="store_true", help="access log on (to /dev/null) and multiprocess metrics, as under gunicorn")
     args = parser.parse_args()
+    if args.production:
+        import logging.config
+        import os
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="profile-metrics-")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the access log's stream
+        from proxy_app.logs import logging_config
+
+        logging.config.dictConfig(logging_config("info"))
+    from proxy_app import create_app
     config = {
         "general_settings": {
             "master_key": "sk-1234",
@@ -92,6 +103,7 @@ def main() -> None:
     if profiler:
         profiler.disable()
     cpu = time.process_time() - started
+    sys.stdout = sys.__stdout__
     print(f"{cpu / args.n * 1e6:.1f} us CPU per request (n={args.n}, this process only{', profiled' if profiler else ''})")
     if profiler:
         stats = pstats.Stats(profiler)

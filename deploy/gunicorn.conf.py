@@ -60,6 +60,7 @@ loglevel = os.environ.get("PROXY_LOG_LEVEL", "info")
 accesslog = None
 errorlog = "-"
 logconfig_dict = logging_config(loglevel, truthy(os.environ.get("DETAILED_DEBUG")))
+logger_class = "proxy_app.logs.QuietAccessLogger"
 # Sockets pooled before a fork would be shared between workers (benoitc/gunicorn#1953);
 # the app is imported by each worker after fork.
 preload_app = False

@@ -37,7 +37,7 @@ def create_app(config: str | os.PathLike | Mapping | Settings | None = None, env
     # One pooled connection per gunicorn thread (PROXY_THREADS, as in deploy/gunicorn.conf.py).
     transport = Transport(
         pool_maxsize=int(environ.get("PROXY_THREADS", DEFAULT_THREADS)),
-        connect_timeout=settings.connect_timeout,
+        origins=len({e.origin for e in settings.endpoints}),
     )
     detailed_debug = truthy(environ.get("DETAILED_DEBUG"))
     errors.init_app(app)

@@ -59,6 +59,12 @@ class LengthLimitedBody:
         self._remaining -= len(data)
         return data
 
+    def read_all(self) -> bytes:
+        parts = []
+        while data := self.read():
+            parts.append(data)
+        return b"".join(parts)
+
 
 def chunked_body(stream, limit: int = MAX_BODY_BYTES, size: int = CHUNK_SIZE):
     """Yield a chunked (length-less) WSGI input as it arrives; urllib3 re-chunks it.
@@ -104,7 +110,13 @@ def request_body(environ, headers: list[tuple[str, str]]):
     if MAX_BODY_BYTES and size > MAX_BODY_BYTES:
         raise BodyTooLarge("Content-Length above the size limit")
     headers.append(("Content-Length", length))
-    return LengthLimitedBody(stream, size) if size else None
+    if not size:
+        return None
+    if size <= CHUNK_SIZE:
+        # One block: read it here and hand urllib3 bytes (no per-block reader calls);
+        # memory stays within one streaming step either way.
+        return LengthLimitedBody(stream, size).read_all()
+    return LengthLimitedBody(stream, size)
 
 
 def has_body(environ) -> bool:

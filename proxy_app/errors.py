@@ -3,19 +3,27 @@
 A message never contains a configured header value, the master key or a caller's key:
 every message below is a fixed sentence or names only paths, methods and field names.
 
-Upstream failures before the response began map as:
+Upstream failures before the response began (urllib3's exceptions, translated the way
+``requests.adapters.HTTPAdapter.send`` does) map as:
 
-- ``requests.Timeout`` (connect or read timeout)   -> 504
-- any other ``requests.RequestException``          -> 502 (refused, reset, TLS, protocol)
+- connect timeout (``MaxRetryError`` from ``ConnectTimeoutError``), ``ReadTimeoutError`` -> 504
+- refused or unresolvable (``NewConnectionError``), TLS (``SSLError``), reset or closed
+  (``ProtocolError``, ``OSError``), any other ``urllib3.exceptions.HTTPError``          -> 502
 """
 
 from __future__ import annotations
 
 import json
 
-import requests
 from flask import Response
 from flask import request
+
+from urllib3.exceptions import ConnectTimeoutError
+from urllib3.exceptions import MaxRetryError
+from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import ProtocolError
+from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import SSLError
 
 from proxy_app.body import close_after_response
 from proxy_app.body import drain
@@ -37,19 +45,30 @@ def settle_body(environ, response: Response) -> Response:
     return response
 
 
-def upstream_error_response(exc: requests.RequestException, call_id: str) -> tuple[Response, str]:
+def upstream_error_kind(exc: Exception) -> str:
+    """Name an upstream failure (before the response began) for logs and metrics."""
+    if isinstance(exc, MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    # NewConnectionError subclasses ConnectTimeoutError (urllib3 compatibility): test it first.
+    if isinstance(exc, NewConnectionError):
+        return "connection_error"
+    if isinstance(exc, ConnectTimeoutError):
+        return "connect_timeout"
+    if isinstance(exc, ReadTimeoutError):
+        return "read_timeout"
+    if isinstance(exc, SSLError):
+        return "tls_error"
+    if isinstance(exc, (ProtocolError, OSError)):
+        return "connection_error"
+    return "protocol_error"
+
+
+def upstream_error_response(exc: Exception, call_id: str) -> tuple[Response, str]:
     """The 502/504 answer for an upstream that failed before its response began."""
+    kind = upstream_error_kind(exc)
     headers = [("x-litellm-call-id", call_id)]
-    if isinstance(exc, requests.Timeout):
-        kind = "connect_timeout" if isinstance(exc, requests.ConnectTimeout) else "read_timeout"
-        message = "The upstream did not answer within the timeout."
-        return error_response(504, message, "upstream_timeout", headers), kind
-    if isinstance(exc, requests.exceptions.SSLError):
-        kind = "tls_error"
-    elif isinstance(exc, requests.ConnectionError):
-        kind = "connection_error"
-    else:
-        kind = "protocol_error"
+    if kind in ("connect_timeout", "read_timeout"):
+        return error_response(504, "The upstream did not answer within the timeout.", "upstream_timeout", headers), kind
     message = "The upstream could not be reached or sent an invalid response."
     return error_response(502, message, "upstream_error", headers), kind
 

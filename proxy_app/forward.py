@@ -13,8 +13,10 @@ import errno
 import time
 import uuid
 
-import requests
 import urllib3
+from urllib3 import HTTPResponse
+from urllib3 import Timeout
+from urllib3.exceptions import HTTPError
 from urllib3.exceptions import HeaderParsingError
 from urllib3.util.response import assert_header_parsing
 from flask import Response
@@ -41,9 +43,9 @@ from proxy_app.upstream import Transport
 from proxy_app.urls import build_query
 from proxy_app.urls import has_dot_segment
 from proxy_app.urls import join_path
+from proxy_app.urls import request_target
 from proxy_app.urls import split_request_target
 from proxy_app.urls import subpath_rest
-from proxy_app.urls import upstream_url
 
 
 NOT_FOUND = "No pass-through endpoint is configured for this path."
@@ -56,8 +58,15 @@ MAX_HEADER_BYTES = 64 * 1024
 
 
 class RelayResponse(Response):
+    """The upstream's answer, headers exactly as relayed."""
+
     # Werkzeug would invent "Content-Type: text/html" for an upstream answer that had none.
     default_mimetype = None
+
+    def get_wsgi_headers(self, environ):
+        # Werkzeug's version copies the headers and rewrites them (re-encodes Location with
+        # iri_to_uri, drops some on 304); the relayed head is already final and validated.
+        return self.headers
 
 
 class UpstreamAborted(ConnectionResetError):
@@ -81,9 +90,12 @@ class Forwarder:
         self.master_key = settings.master_key.encode() if settings.master_key else None
         self.transport = transport
         self.debug = detailed_debug
+        # connect: to reach the upstream; read: the most silence allowed between its bytes.
+        self.timeouts = {e.index: Timeout(connect=settings.connect_timeout, read=e.timeout) for e in settings.endpoints}
 
     def __call__(self, endpoint: Endpoint, subpath: bool) -> Response:
         environ = request.environ
+        method = environ["REQUEST_METHOD"]
         call_id = str(uuid.uuid4())
         record = environ[RECORD_KEY]
         record.route = endpoint.path
@@ -103,7 +115,7 @@ class Forwarder:
                 return settle_body(environ, error_response(400, DOT_SEGMENTS, "invalid_request_error"))
             path = join_path(endpoint.target_path, rest)
         query = build_query(caller_query, endpoint.target_query, endpoint.merge_query_params, endpoint.default_query_params)
-        url = upstream_url(endpoint.origin, path, query)
+        target = request_target(path, query)
 
         caller = caller_headers(environ)
         if sum(len(name) + len(value) for name, value in caller) > MAX_HEADER_BYTES:
@@ -120,22 +132,22 @@ class Forwarder:
 
         if self.debug:
             shown_path = "/***" if endpoint.target_is_secret else path
-            debug_request(call_id, request.method, endpoint.origin, shown_path, query, headers)
+            debug_request(call_id, method, endpoint.origin, shown_path, query, headers)
         try:
             body = request_body(environ, headers)
-            upstream = self.transport.send(request.method, url, headers, body, endpoint.timeout)
+            upstream = self.transport.send(method, endpoint.origin, target, headers, body, self.timeouts[endpoint.index])
         except BadRequestBody as exc:
             # The rest of the connection cannot be trusted to hold a next request.
             record.error = "bad_request_body"
             response = error_response(exc.status, str(exc) + ".", "invalid_request_error")
             close_after_response(environ, response)
             return response
-        except requests.RequestException as exc:
+        except (HTTPError, OSError) as exc:
             response, record.error = upstream_error_response(exc, call_id)
             return settle_body(environ, response)
         record.ttfb = time.perf_counter() - record.started
         if self.debug:
-            debug_response(call_id, upstream.raw)
+            debug_response(call_id, upstream)
         try:
             response = relay(upstream, call_id)
         except InvalidUpstreamHeaders:
@@ -167,21 +179,25 @@ def unauthorized(environ, endpoint: Endpoint, call_id: str) -> Response:
     return error_response(401, message, "auth_error", [("x-litellm-call-id", call_id)])
 
 
-def relay(upstream: requests.Response, call_id: str) -> Response:
-    """Relay the upstream status line, headers and body exactly, streaming the body."""
-    raw = upstream.raw
-    check_head_parsed(raw)
-    headers = response_headers(raw.headers.items())
+def relay(upstream: HTTPResponse, call_id: str) -> Response:
+    """Relay the upstream status line, headers and body exactly, streaming the body.
+
+    :raises InvalidUpstreamHeaders: before anything was sent to the caller.
+    """
+    check_head_parsed(upstream)
+    headers = response_headers(upstream.headers.items())
     headers.append(("x-litellm-call-id", call_id))
-    if "text/event-stream" in raw.headers.get("content-type", ""):
+    if "text/event-stream" in upstream.headers.get("content-type", ""):
         # nginx honours (and hides) this, so the stream is not buffered on the way out.
         headers.append(("X-Accel-Buffering", "no"))
-    status = f"{raw.status} {raw.reason}" if raw.reason else raw.status
-    response = RelayResponse(relay_body(raw), status=status, headers=headers)
+    status = f"{upstream.status} {upstream.reason}" if upstream.reason else upstream.status
+    response = RelayResponse(relay_body(upstream), status=status, headers=headers)
     # Closes the upstream connection when the caller left early (or the body was never
-    # iterated: HEAD, 204, 304); once the body was read to its end urllib3 has already
+    # iterated: HEAD, 204, 304), then gives the pool its slot back, as requests'
+    # Response.close does; once the body was read to its end urllib3 has already
     # returned the connection to the pool and this is a no-op.
     response.call_on_close(upstream.close)
+    response.call_on_close(upstream.release_conn)
     return response
 
 

@@ -7,6 +7,45 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
+from gunicorn.glogging import Logger as GunicornLogger
+
+
+class LineHandler(logging.Handler):
+    """Writes each record as one line with one ``os.write``, taking no lock.
+
+    A StreamHandler holds its lock across write() and flush(), and while one thread sits in
+    that system call every other thread finishing a request queues on the lock. A single
+    write of one line to a pipe, a file opened for append or a terminal is not interleaved
+    with another (POSIX: up to PIPE_BUF bytes for pipes; access lines are far shorter).
+    """
+
+    def __init__(self, fd: int = 1):
+        super().__init__()
+        self.fd = fd
+
+    def createLock(self):  # noqa: N802 - logging's name
+        self.lock = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            os.write(self.fd, (self.format(record) + "\n").encode("utf-8", "replace"))
+        except Exception:  # noqa: BLE001 - logging must never break a request
+            self.handleError(record)
+
+
+class QuietAccessLogger(GunicornLogger):
+    """gunicorn's logger without its access line.
+
+    With a ``logconfig_dict`` gunicorn builds every access line (formatting a dozen atoms)
+    even when its logger discards it; the proxy writes its own line at body end.
+    """
+
+    def access(self, resp, req, environ, request_time):
+        return None
+
 
 def logging_config(level: str = "info", detailed_debug: bool = False) -> dict:
     level = level.upper()
@@ -19,14 +58,14 @@ def logging_config(level: str = "info", detailed_debug: bool = False) -> dict:
         },
         "handlers": {
             "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"},
-            "access": {"class": "logging.StreamHandler", "formatter": "json_line", "stream": "ext://sys.stdout"},
+            "access": {"()": "proxy_app.logs.LineHandler", "formatter": "json_line", "fd": 1},
         },
         # gunicorn merges this dict over its defaults key by key, so root and both of its
         # loggers are spelled out (its default root handler is not defined here).
         "root": {"level": "WARNING", "handlers": ["stderr"]},
         "loggers": {
-            # gunicorn writes its own access line whenever a logconfig_dict is set; the proxy
-            # writes a better one (at body end, no query string), so silence gunicorn's.
+            # The proxy writes its own access line (at body end, no query string); gunicorn's
+            # is switched off (QuietAccessLogger) and this logger is silent too.
             "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
             "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
             "proxy_app": {"level": level, "handlers": ["stderr"], "propagate": False},

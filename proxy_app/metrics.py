@@ -36,6 +36,53 @@ UPSTREAM_ERRORS = Counter("proxy_upstream_errors_total", "Upstream failures, by 
 IN_FLIGHT = Gauge("proxy_streams_in_flight", "Upstream responses being relayed now.", ["route"], multiprocess_mode="livesum")
 
 
+# Methods outside this set are counted as OTHER: a caller must not be able to create
+# label values (and so time series) at will.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
+class RouteMetrics:
+    """The labelled series of one route, resolved once (``labels()`` takes a lock and
+    builds a key on every call)."""
+
+    __slots__ = ("duration", "ttfb", "request_bytes", "response_bytes", "in_flight", "route", "_requests", "_errors")
+
+    def __init__(self, route: str):
+        self.route = route
+        self.duration = DURATION.labels(route)
+        self.ttfb = TTFB.labels(route)
+        self.request_bytes = REQUEST_BYTES.labels(route)
+        self.response_bytes = RESPONSE_BYTES.labels(route)
+        self.in_flight = IN_FLIGHT.labels(route)
+        self._requests = {}
+        self._errors = {}
+
+    def requests(self, method: str, status: int):
+        key = (method, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = REQUESTS.labels(
+                self.route, method if method in KNOWN_METHODS else "OTHER", str(status)
+            )
+        return child
+
+    def errors(self, kind: str):
+        child = self._errors.get(kind)
+        if child is None:
+            child = self._errors[kind] = UPSTREAM_ERRORS.labels(self.route, kind)
+        return child
+
+
+_by_route: dict[str, RouteMetrics] = {}
+
+
+def for_route(route: str) -> RouteMetrics:
+    metrics = _by_route.get(route)
+    if metrics is None:
+        metrics = _by_route[route] = RouteMetrics(route)
+    return metrics
+
+
 def registry():
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         merged = CollectorRegistry()
@@ -49,6 +96,14 @@ def init_app(app) -> None:
         return Response(generate_latest(registry()), content_type=CONTENT_TYPE_LATEST)
 
     app.add_url_rule("/metrics", "metrics", metrics, methods=["GET"])
+
+
+def _forget_after_fork() -> None:
+    # The children hold values bound to the parent's pid files (multiprocess mode).
+    _by_route.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def mark_worker_dead(pid: int) -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import datetime
-from datetime import timezone
 
 from proxy_app import metrics
 from proxy_app.urls import split_request_target
@@ -43,7 +41,7 @@ class Record:
 
     def stream_started(self) -> None:
         self.streaming = True
-        metrics.IN_FLIGHT.labels(self.route).inc()
+        metrics.for_route(self.route or "").in_flight.inc()
 
 
 class CountingInput:
@@ -106,26 +104,40 @@ class _CountedBody:
             finish(self._record, self._environ)
 
 
+_second = [0, ""]
+
+
+def utc_timestamp() -> str:
+    """ISO 8601 UTC with milliseconds; the date-and-second part is formatted once a second."""
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((now - whole) * 1000):03d}+00:00"
+
+
 def finish(record: Record, environ) -> None:
     duration = time.perf_counter() - record.started
-    route = record.route or ""
+    route = metrics.for_route(record.route or "")
     method = environ.get("REQUEST_METHOD", "")
-    metrics.REQUESTS.labels(route, method, str(record.status)).inc()
-    metrics.DURATION.labels(route).observe(duration)
-    metrics.REQUEST_BYTES.labels(route).inc(record.request_bytes)
-    metrics.RESPONSE_BYTES.labels(route).inc(record.response_bytes)
+    route.requests(method, record.status).inc()
+    route.duration.observe(duration)
+    if record.request_bytes:
+        route.request_bytes.inc(record.request_bytes)
+    if record.response_bytes:
+        route.response_bytes.inc(record.response_bytes)
     if record.ttfb is not None:
-        metrics.TTFB.labels(route).observe(record.ttfb)
+        route.ttfb.observe(record.ttfb)
     if record.error:
-        metrics.UPSTREAM_ERRORS.labels(route, record.error.split(":", 1)[0]).inc()
+        route.errors(record.error.split(":", 1)[0]).inc()
     if record.streaming:
-        metrics.IN_FLIGHT.labels(route).dec()
+        route.in_flight.dec()
     if access_log.isEnabledFor(logging.INFO):
         raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO", "")
         access_log.info(
             json.dumps(
                 {
-                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                    "time": utc_timestamp(),
                     "method": method,
                     "path": split_request_target(raw)[0],
                     "route": record.route,

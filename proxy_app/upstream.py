@@ -2,14 +2,17 @@
 
 The Session is built so that it adds nothing of its own (SPEC §3, "Transport"):
 ``trust_env = False`` (no ``.netrc`` credentials, no ``*_PROXY`` variables), a cookie jar
-whose policy stores nothing (an upstream ``Set-Cookie`` must never ride along on another
-caller's request), no default headers, no retries.
+whose policy stores nothing, no default headers, no retries (``Retry(0, read=False)``).
 
-Requests go straight to the Session's ``HTTPAdapter``: ``Session.send`` would run hooks,
-fill the cookie jar and, even with ``allow_redirects=False``, read and decode the body of
-every 3xx response to prepare the next hop (``Session.resolve_redirects``), which would
-destroy a relayed redirect body. The adapter does the part we want: pooled urllib3
-connections, TLS, timeouts, and translation of urllib3 errors into requests' exceptions.
+Requests go straight to the urllib3 pool that the Session's ``HTTPAdapter`` keeps for the
+target, taken once per origin with the adapter's own TLS settings
+(``get_connection_with_tls_context``, ``cert_verify``) and called with exactly the
+arguments ``HTTPAdapter.send`` uses. What is skipped is per-request work the proxy must
+not have: ``Session.send`` runs hooks, fills the cookie jar and, even with
+``allow_redirects=False``, reads and decodes the body of every 3xx response to prepare the
+next hop (``Session.resolve_redirects``), which would destroy a relayed redirect body;
+``HTTPAdapter.send`` re-parses the URL, rebuilds the pool key and copies every response
+header into a ``requests.Response`` that the relay never uses.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import threading
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import HTTPConnectionPool
 from urllib3 import HTTPHeaderDict
+from urllib3 import HTTPResponse
+from urllib3 import Timeout
 from urllib3 import connectionpool
 from urllib3.util import SKIP_HEADER
 
@@ -37,36 +43,40 @@ def _keep_target(target: str) -> str:
 connectionpool._encode_target = _keep_target
 
 
-def new_session(pool_maxsize: int) -> requests.Session:
+def new_session(pool_maxsize: int, origins: int) -> requests.Session:
     """A Session that adds nothing: no env, no cookies, no default headers, no retries."""
     session = requests.Session()
     session.trust_env = False
     session.headers.clear()
     session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     session.max_redirects = 0
-    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_maxsize, max_retries=0, pool_block=False)
+    # One pool per origin, all kept: a pool evicted from the manager would be closed under
+    # the transport's cached reference.
+    adapter = HTTPAdapter(pool_connections=max(origins, 10), pool_maxsize=pool_maxsize, max_retries=0, pool_block=False)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
 
 
 class Transport:
-    """Owns the per-process Session; re-creates it in a forked child.
+    """Owns the per-process Session and its pools; re-creates them in a forked child.
 
     gunicorn forks workers; sockets pooled before a fork would be shared by two processes
     and corrupt each other (benoitc/gunicorn#1953), so the Session is built lazily, and a
     fork drops it.
     """
 
-    def __init__(self, pool_maxsize: int, connect_timeout: float):
+    def __init__(self, pool_maxsize: int, origins: int = 1):
         self.pool_maxsize = pool_maxsize
-        self.connect_timeout = connect_timeout
+        self.origins = origins
         self._session: requests.Session | None = None
+        self._pools: dict[str, HTTPConnectionPool] = {}
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._session = None
+        self._pools = {}
         self._lock = threading.Lock()
 
     @property
@@ -74,13 +84,27 @@ class Transport:
         if self._session is None:
             with self._lock:
                 if self._session is None:
-                    self._session = new_session(self.pool_maxsize)
+                    self._session = new_session(self.pool_maxsize, self.origins)
         return self._session
 
-    def send(self, method: str, url: str, headers: list[tuple[str, str]], body, read_timeout: float) -> requests.Response:
+    def pool(self, origin: str) -> HTTPConnectionPool:
+        """The adapter's pool for ``scheme://host:port``, with its TLS verification set."""
+        pool = self._pools.get(origin)
+        if pool is None:
+            adapter = self.session.get_adapter(origin)
+            probe = requests.PreparedRequest()
+            probe.prepare(method="GET", url=origin + "/")
+            pool = adapter.get_connection_with_tls_context(probe, verify=True, proxies={}, cert=None)
+            adapter.cert_verify(pool, probe.url, True, None)
+            self._retries = adapter.max_retries
+            self._pools[origin] = pool
+        return pool
+
+    def send(self, method: str, origin: str, target: str, headers: list[tuple[str, str]], body, timeout: Timeout) -> HTTPResponse:
         """Send one request and return as soon as the response head has arrived.
 
-        :raises requests.RequestException: the upstream failed before the response began.
+        :raises urllib3.exceptions.HTTPError: the upstream failed before the response began
+            (see errors.upstream_error_response).
         :raises proxy_app.body.BadRequestBody: the caller's body broke its framing.
         """
         outgoing = HTTPHeaderDict(headers)
@@ -91,18 +115,18 @@ class Transport:
             outgoing["User-Agent"] = SKIP_HEADER
         if "accept-encoding" not in outgoing:
             outgoing["Accept-Encoding"] = SKIP_HEADER
-        prepared = requests.PreparedRequest()
-        prepared.method = method
-        prepared.url = url
-        prepared.headers = outgoing
-        prepared.body = body
-        prepared.hooks = {"response": []}
-        adapter = self.session.get_adapter(url)
-        return adapter.send(
-            prepared,
-            stream=True,
-            timeout=(self.connect_timeout, read_timeout),
-            verify=True,
-            cert=None,
-            proxies={},
+        pool = self.pool(origin)
+        return pool.urlopen(
+            method,
+            target,
+            body=body,
+            headers=outgoing,
+            redirect=False,
+            assert_same_host=False,
+            preload_content=False,
+            decode_content=False,
+            retries=self._retries,
+            timeout=timeout,
+            # As HTTPAdapter.send: a body without a Content-Length goes chunked.
+            chunked=body is not None and "content-length" not in outgoing,
         )

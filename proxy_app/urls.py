@@ -101,5 +101,6 @@ def build_query(
     return query
 
 
-def upstream_url(origin: str, path: str, query: str) -> str:
-    return f"{origin}{path}?{query}" if query else f"{origin}{path}"
+def request_target(path: str, query: str) -> str:
+    """The origin-form request-target sent upstream (RFC 9112 §3.2.1)."""
+    return f"{path}?{query}" if query else path
