@@ -30,6 +30,8 @@ from urllib3 import Timeout
 from urllib3 import connectionpool
 from urllib3.util import SKIP_HEADER
 
+from proxy_app.body import CHUNK_SIZE
+
 def _keep_target(target: str) -> str:
     return target
 
@@ -43,6 +45,15 @@ def _keep_target(target: str) -> str:
 connectionpool._encode_target = _keep_target
 
 
+class _Adapter(HTTPAdapter):
+    """requests' adapter, with upload blocks of CHUNK_SIZE instead of http.client's 16 KiB
+    (four times fewer reads from the caller and writes to the upstream per megabyte)."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["blocksize"] = CHUNK_SIZE
+        super().init_poolmanager(*args, **kwargs)
+
+
 def new_session(pool_maxsize: int, origins: int) -> requests.Session:
     """A Session that adds nothing: no env, no cookies, no default headers, no retries."""
     session = requests.Session()
@@ -52,7 +63,7 @@ def new_session(pool_maxsize: int, origins: int) -> requests.Session:
     session.max_redirects = 0
     # One pool per origin, all kept: a pool evicted from the manager would be closed under
     # the transport's cached reference.
-    adapter = HTTPAdapter(pool_connections=max(origins, 10), pool_maxsize=pool_maxsize, max_retries=0, pool_block=False)
+    adapter = _Adapter(pool_connections=max(origins, 10), pool_maxsize=pool_maxsize, max_retries=0, pool_block=False)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
