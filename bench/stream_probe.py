@@ -25,25 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.gunicorn_proc import reset_peak  # noqa: E402
 from tests.gunicorn_proc import run_gunicorn  # noqa: E402
+from tests.gunicorn_proc import status_kib  # noqa: E402
 from tests.gunicorn_proc import write_config  # noqa: E402
 from tests.test_e2e import read_chunked_events  # noqa: E402
 from tests.upstream import Upstream  # noqa: E402
 from tests.upstream import big_download  # noqa: E402
 from tests.upstream import sse  # noqa: E402
 from tests.upstream import wait_sent  # noqa: E402
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak(pid: int) -> int:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-    return status_kib(pid, "VmRSS")
 
 
 def upload(server, size: int, chunked: bool) -> float:

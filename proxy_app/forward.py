@@ -1,6 +1,6 @@
 """The request lifecycle of one pass-through call, top to bottom.
 
-    check the proxy key -> build the upstream URL -> build the headers -> open the
+    check the proxy key -> build the upstream target -> build the headers -> open the
     upstream request (body streamed) -> relay status, headers and body as they arrive
 
 Everything per-endpoint was prepared at start-up (see config.Endpoint); the rules are
@@ -13,14 +13,15 @@ import errno
 import time
 import uuid
 
-import urllib3
-from urllib3 import HTTPResponse
-from urllib3 import Timeout
-from urllib3.exceptions import HTTPError
-from urllib3.exceptions import HeaderParsingError
-from urllib3.util.response import assert_header_parsing
+from urllib.parse import quote
+
 from flask import Response
 from flask import request
+from urllib3 import HTTPResponse
+from urllib3 import Timeout
+from urllib3.exceptions import HeaderParsingError
+from urllib3.exceptions import HTTPError
+from urllib3.util.response import assert_header_parsing
 
 from proxy_app.auth import key_carriers
 from proxy_app.body import CHUNK_SIZE
@@ -151,7 +152,8 @@ class Forwarder:
         try:
             response = relay(upstream, call_id)
         except InvalidUpstreamHeaders:
-            upstream.close()  # never back into the pool
+            upstream.close()  # the connection is never reused...
+            upstream.release_conn()  # ...but its pool slot is
             record.error = "invalid_response"
             return settle_body(environ, error_response(502, BAD_UPSTREAM_HEAD, "upstream_error", [("x-litellm-call-id", call_id)]))
         record.stream_started()
@@ -166,8 +168,9 @@ def raw_request_target(environ) -> str:
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if raw:
         return raw
+    # Another WSGI server: re-encode the decoded path (an encoded "/" is lost there).
     query = environ.get("QUERY_STRING")
-    path = environ.get("PATH_INFO", "/").encode("latin-1").decode("latin-1")
+    path = quote(environ.get("PATH_INFO", "/").encode("latin-1"), safe="/:@!$&'()*+,;=-._~")
     return f"{path}?{query}" if query else path
 
 
@@ -221,7 +224,7 @@ def relay_body(raw):
     while True:
         try:
             data = read1(CHUNK_SIZE, decode_content=False)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except (HTTPError, OSError) as exc:
             raise UpstreamAborted(type(exc).__name__) from None
         if not data:
             return

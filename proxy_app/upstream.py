@@ -28,9 +28,11 @@ from urllib3 import HTTPHeaderDict
 from urllib3 import HTTPResponse
 from urllib3 import Timeout
 from urllib3 import connectionpool
+from urllib3.util import Retry
 from urllib3.util import SKIP_HEADER
 
 from proxy_app.body import CHUNK_SIZE
+
 
 def _keep_target(target: str) -> str:
     return target
@@ -81,7 +83,7 @@ class Transport:
         self.pool_maxsize = pool_maxsize
         self.origins = origins
         self._session: requests.Session | None = None
-        self._pools: dict[str, HTTPConnectionPool] = {}
+        self._pools: dict[str, tuple[HTTPConnectionPool, Retry]] = {}
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forget)
 
@@ -98,18 +100,18 @@ class Transport:
                     self._session = new_session(self.pool_maxsize, self.origins)
         return self._session
 
-    def pool(self, origin: str) -> HTTPConnectionPool:
-        """The adapter's pool for ``scheme://host:port``, with its TLS verification set."""
-        pool = self._pools.get(origin)
-        if pool is None:
+    def pool(self, origin: str) -> tuple[HTTPConnectionPool, Retry]:
+        """The adapter's pool for ``scheme://host:port`` (TLS verification set) and its retries."""
+        entry = self._pools.get(origin)
+        if entry is None:
             adapter = self.session.get_adapter(origin)
             probe = requests.PreparedRequest()
             probe.prepare(method="GET", url=origin + "/")
             pool = adapter.get_connection_with_tls_context(probe, verify=True, proxies={}, cert=None)
             adapter.cert_verify(pool, probe.url, True, None)
-            self._retries = adapter.max_retries
-            self._pools[origin] = pool
-        return pool
+            # Retry(0, read=False): a request that may have reached the upstream is never resent.
+            entry = self._pools[origin] = (pool, adapter.max_retries)
+        return entry
 
     def send(self, method: str, origin: str, target: str, headers: list[tuple[str, str]], body, timeout: Timeout) -> HTTPResponse:
         """Send one request and return as soon as the response head has arrived.
@@ -126,7 +128,7 @@ class Transport:
             outgoing["User-Agent"] = SKIP_HEADER
         if "accept-encoding" not in outgoing:
             outgoing["Accept-Encoding"] = SKIP_HEADER
-        pool = self.pool(origin)
+        pool, retries = self.pool(origin)
         return pool.urlopen(
             method,
             target,
@@ -136,7 +138,7 @@ class Transport:
             assert_same_host=False,
             preload_content=False,
             decode_content=False,
-            retries=self._retries,
+            retries=retries,
             timeout=timeout,
             # As HTTPAdapter.send: a body without a Content-Length goes chunked.
             chunked=body is not None and "content-length" not in outgoing,

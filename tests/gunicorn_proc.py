@@ -72,7 +72,7 @@ def run_gunicorn(config_path: Path, env: dict, workers: int = 1, threads: int = 
             _wait_ready(server)
         yield server
     finally:
-        _stop(proc)
+        stop_process(proc)
         log_file.close()
         os.unlink(log_file.name)
 
@@ -94,7 +94,8 @@ def _wait_ready(server: Gunicorn) -> None:
     raise AssertionError(f"gunicorn not ready after {START_TIMEOUT}s:\n{server.log()}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM a process this test started, then SIGKILL it if it lingers (bounded)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -102,3 +103,18 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A /proc/PID/status field in KiB (VmRSS, VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak(pid: int) -> int:
+    """Reset a process's RSS high-water mark (VmHWM); return its current RSS (KiB)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return status_kib(pid, "VmRSS")
+

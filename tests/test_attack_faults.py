@@ -22,14 +22,15 @@ import time
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
 
 from tests.conftest import PROXY_ENV
 from tests.conftest import SECRET
+from tests.gunicorn_proc import reset_peak
 from tests.gunicorn_proc import run_gunicorn
+from tests.gunicorn_proc import status_kib
 from tests.gunicorn_proc import write_config
 from tests.upstream import Upstream
 from tests.upstream import big_download
@@ -376,19 +377,6 @@ def assert_json_error(data: bytes, status: int) -> None:
     assert complete, data[:300]
     assert headers.get("content-type", "").startswith("application/json"), headers
     assert json.loads(body)["error"]["code"] == str(status), body
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak(pid: int) -> int:
-    """Reset the worker's RSS high-water mark; return its current RSS (KiB)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-    return status_kib(pid, "VmRSS")
 
 
 def fd_count(pid: int) -> int:

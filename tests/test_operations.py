@@ -20,8 +20,8 @@ import pytest
 
 from proxy_app.cli import main as cli_main
 from tests.conftest import SECRET
-from tests.gunicorn_proc import ROOT
 from tests.gunicorn_proc import run_gunicorn
+from tests.gunicorn_proc import stop_process
 from tests.gunicorn_proc import write_config
 from tests.upstream import fixed
 from tests.upstream import sse
@@ -121,13 +121,7 @@ def cli_server(config_path: Path, env: dict, extra: tuple = ()):
         assert proc.poll() is None, log_path.read_text()
         yield proc, port, log_path
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc)
 
 
 def _answers(port: int) -> bool:
