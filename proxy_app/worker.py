@@ -78,6 +78,8 @@ class ProxyThreadWorker(ThreadWorker):
         Only a connection with nothing to read is idle: one whose request has arrived but
         is not dispatched yet is never dropped.
         """
+        if self.nr_conns < self.worker_connections:
+            return
         now = time.monotonic()
         for queue, lifetime in ((self.keepalived_conns, self.cfg.keepalive), (self.pending_conns, self._first_byte_timeout)):
             for conn in list(queue):
