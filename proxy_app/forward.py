@@ -150,7 +150,7 @@ class Forwarder:
         if self.debug:
             debug_response(call_id, upstream)
         try:
-            response = relay(upstream, call_id)
+            response = relay(upstream, call_id, method)
         except InvalidUpstreamHeaders:
             upstream.close()  # the connection is never reused...
             upstream.release_conn()  # ...but its pool slot is
@@ -182,12 +182,16 @@ def unauthorized(environ, endpoint: Endpoint, call_id: str) -> Response:
     return error_response(401, message, "auth_error", [("x-litellm-call-id", call_id)])
 
 
-def relay(upstream: HTTPResponse, call_id: str) -> Response:
+def relay(upstream: HTTPResponse, call_id: str, method: str) -> Response:
     """Relay the upstream status line, headers and body exactly, streaming the body.
 
     :raises InvalidUpstreamHeaders: before anything was sent to the caller.
     """
     check_head_parsed(upstream)
+    if method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200:
+        # No body follows (RFC 9110 §6.4.1): reading the empty body lets urllib3 return
+        # the connection to the pool instead of closing it.
+        upstream.read(decode_content=False)
     headers = response_headers(upstream.headers.items())
     headers.append(("x-litellm-call-id", call_id))
     if "text/event-stream" in upstream.headers.get("content-type", ""):

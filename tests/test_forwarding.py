@@ -370,10 +370,15 @@ def test_sse_gets_x_accel_buffering(upstream, make_client):
     assert response.data == b"data: 1\n\n"
 
 
-def test_connection_is_reused_after_a_complete_body(upstream, make_client):
+@pytest.mark.parametrize(
+    ("method", "status", "body"),
+    [("GET", 200, b"hello"), ("HEAD", 200, b""), ("GET", 204, b""), ("GET", 304, b"")],
+)
+def test_connection_is_reused_after_a_complete_body(upstream, make_client, method, status, body):
+    upstream.route("/t", fixed(status, [("Content-Length", "5")] if method == "HEAD" else [], body))
     client = make_client(endpoint(upstream))
     for _ in range(3):
-        assert client.get("/p").status_code == 200
+        assert client.open("/p", method=method).status_code == status
     assert {r.conn_id for r in upstream.wait_for_requests(3)} == {1}
 
 
