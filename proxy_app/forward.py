@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import time
 import uuid
+from functools import partial
 
 from urllib.parse import quote
 
@@ -152,8 +153,7 @@ class Forwarder:
         try:
             response = relay(upstream, call_id, method)
         except InvalidUpstreamHeaders:
-            upstream.close()  # the connection is never reused...
-            upstream.release_conn()  # ...but its pool slot is
+            finish_upstream(upstream)  # that connection is never reused
             record.error = "invalid_response"
             return settle_body(environ, error_response(502, BAD_UPSTREAM_HEAD, "upstream_error", [("x-litellm-call-id", call_id)]))
         record.stream_started()
@@ -203,9 +203,13 @@ def relay(upstream: HTTPResponse, call_id: str, method: str) -> Response:
     # iterated: HEAD, 204, 304), then gives the pool its slot back, as requests'
     # Response.close does; once the body was read to its end urllib3 has already
     # returned the connection to the pool and this is a no-op.
-    response.call_on_close(upstream.close)
-    response.call_on_close(upstream.release_conn)
+    response.call_on_close(partial(finish_upstream, upstream))
     return response
+
+
+def finish_upstream(upstream: HTTPResponse) -> None:
+    upstream.close()
+    upstream.release_conn()
 
 
 def check_head_parsed(raw) -> None:

@@ -24,7 +24,6 @@ import threading
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3 import HTTPConnectionPool
-from urllib3 import HTTPHeaderDict
 from urllib3 import HTTPResponse
 from urllib3 import Timeout
 from urllib3 import connectionpool
@@ -120,13 +119,16 @@ class Transport:
             (see errors.upstream_error_response).
         :raises proxy_app.body.BadRequestBody: the caller's body broke its framing.
         """
-        outgoing = HTTPHeaderDict(headers)
+        # The names are unique (headers.outbound_headers builds them so): a plain dict is
+        # what urllib3 iterates anyway, without HTTPHeaderDict's per-header bookkeeping.
+        outgoing = dict(headers)
+        names = {name.lower() for name in outgoing}
         # urllib3 would add "User-Agent: python-urllib3/x" and http.client
         # "Accept-Encoding: identity" when absent; the upstream sees only what the caller
         # and the config sent (SPEC §3).
-        if "user-agent" not in outgoing:
+        if "user-agent" not in names:
             outgoing["User-Agent"] = SKIP_HEADER
-        if "accept-encoding" not in outgoing:
+        if "accept-encoding" not in names:
             outgoing["Accept-Encoding"] = SKIP_HEADER
         pool, retries = self.pool(origin)
         return pool.urlopen(
@@ -141,5 +143,5 @@ class Transport:
             retries=retries,
             timeout=timeout,
             # As HTTPAdapter.send: a body without a Content-Length goes chunked.
-            chunked=body is not None and "content-length" not in outgoing,
+            chunked=body is not None and "content-length" not in names,
         )
