@@ -23,6 +23,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 from proxy_app import lifecycle  # noqa: E402
 from proxy_app.config import ConfigError  # noqa: E402
+from proxy_app.config import print_problems  # noqa: E402
 from proxy_app.logs import logging_config  # noqa: E402
 from proxy_app.logs import truthy  # noqa: E402
 
@@ -77,8 +78,7 @@ def on_starting(server):
     try:
         lifecycle.load_at_start()
     except ConfigError as exc:
-        for line in exc.problems:
-            print(f"config error: {line}", file=sys.stderr)
+        print_problems(exc)
         sys.exit(1)
 
 

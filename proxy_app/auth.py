@@ -11,6 +11,11 @@ import hmac
 from collections.abc import Mapping
 
 
+def environ_key(header: str) -> str:
+    """The WSGI environ key of a request header (``x-my-key`` -> ``HTTP_X_MY_KEY``)."""
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
 def _bearer(value: str) -> str:
     if value[:7].lower() == "bearer ":
         return value[7:].strip()
@@ -33,7 +38,7 @@ def key_carriers(environ: Mapping[str, object], master_key: bytes | None, key_he
     if litellm_key and _matches(_bearer(litellm_key), master_key):
         carriers.append("x-litellm-api-key")
     if key_header:
-        custom = environ.get("HTTP_" + key_header.upper().replace("-", "_"))
+        custom = environ.get(environ_key(key_header))
         if custom and _matches(_bearer(custom), master_key):
             carriers.append(key_header)
     return frozenset(carriers)

@@ -20,6 +20,7 @@ from proxy_app.config import ConfigError
 from proxy_app.config import Settings
 from proxy_app.config import config_path
 from proxy_app.config import load_config
+from proxy_app.config import print_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
@@ -53,8 +54,7 @@ def check(args: argparse.Namespace) -> int:
     try:
         settings = load_config(config_path(args.config))
     except ConfigError as exc:
-        for line in exc.problems:
-            print(f"config error: {line}", file=sys.stderr)
+        print_problems(exc)
         return 1
     print(route_table(settings))
     return 0

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
@@ -494,6 +495,12 @@ class _Validator:
 def _is_number(value: object) -> bool:
     """A finite int or float, not a bool (YAML's .nan and .inf are floats too)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def print_problems(exc: ConfigError, file=None) -> None:
+    """Write every problem of ``exc`` as one ``config error:`` line (stderr by default)."""
+    for line in exc.problems:
+        print(f"config error: {line}", file=file or sys.stderr)
 
 
 def log_summary(settings: Settings) -> None:

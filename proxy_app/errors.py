@@ -38,11 +38,20 @@ def error_response(status: int, message: str, kind: str, headers: list[tuple[str
     return Response(body, status=status, headers=list(headers), content_type="application/json")
 
 
+NOT_FOUND = "No pass-through endpoint is configured for this path."
+METHOD_NOT_ALLOWED = "Method not allowed on this path."
+
+
 def settle_body(environ, response: Response) -> Response:
     """Before a proxy-made answer: read off an unread request body, or close after it."""
     if has_body(environ) and not drain(environ):
         close_after_response(environ, response)
     return response
+
+
+def refuse(environ, status: int, message: str, kind: str, headers: list[tuple[str, str]] = ()) -> Response:
+    """A proxy-made error answer to the request in ``environ``, its unread body settled."""
+    return settle_body(environ, error_response(status, message, kind, headers))
 
 
 def upstream_error_kind(exc: Exception) -> str:
@@ -78,16 +87,13 @@ def init_app(app) -> None:
 
     @app.errorhandler(404)
     def not_found(_exc):
-        response = error_response(404, "No pass-through endpoint is configured for this path.", "not_found_error")
-        return settle_body(request.environ, response)
+        return refuse(request.environ, 404, NOT_FOUND, "not_found_error")
 
     @app.errorhandler(405)
     def method_not_allowed(exc):
         allow = ", ".join(sorted(exc.valid_methods or ()))
-        response = error_response(405, "Method not allowed on this path.", "method_not_allowed", [("Allow", allow)])
-        return settle_body(request.environ, response)
+        return refuse(request.environ, 405, METHOD_NOT_ALLOWED, "method_not_allowed", [("Allow", allow)])
 
     @app.errorhandler(400)
     def bad_request(_exc):
-        response = error_response(400, "Malformed request.", "invalid_request_error")
-        return settle_body(request.environ, response)
+        return refuse(request.environ, 400, "Malformed request.", "invalid_request_error")

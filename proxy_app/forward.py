@@ -14,8 +14,6 @@ import time
 import uuid
 from functools import partial
 
-from urllib.parse import quote
-
 from flask import Response
 from flask import request
 from urllib3 import HTTPResponse
@@ -24,6 +22,7 @@ from urllib3.exceptions import HeaderParsingError
 from urllib3.exceptions import HTTPError
 from urllib3.util.response import assert_header_parsing
 
+from proxy_app.auth import environ_key
 from proxy_app.auth import key_carriers
 from proxy_app.body import CHUNK_SIZE
 from proxy_app.body import BadRequestBody
@@ -33,7 +32,9 @@ from proxy_app.config import Endpoint
 from proxy_app.config import Settings
 from proxy_app.debug import debug_request
 from proxy_app.debug import debug_response
+from proxy_app.errors import NOT_FOUND
 from proxy_app.errors import error_response
+from proxy_app.errors import refuse
 from proxy_app.errors import settle_body
 from proxy_app.errors import upstream_error_response
 from proxy_app.headers import InvalidUpstreamHeaders
@@ -45,12 +46,12 @@ from proxy_app.upstream import Transport
 from proxy_app.urls import build_query
 from proxy_app.urls import has_dot_segment
 from proxy_app.urls import join_path
+from proxy_app.urls import raw_request_target
 from proxy_app.urls import request_target
 from proxy_app.urls import split_request_target
 from proxy_app.urls import subpath_rest
 
 
-NOT_FOUND = "No pass-through endpoint is configured for this path."
 DOT_SEGMENTS = "Dot segments ('.', '..') are not allowed in the path."
 HEADERS_TOO_LARGE = "The request headers are too large."
 BAD_UPSTREAM_HEAD = "The upstream sent a response head that cannot be relayed."
@@ -112,16 +113,16 @@ class Forwarder:
         if subpath:
             rest = subpath_rest(raw_path, endpoint.path)
             if rest is None:
-                return settle_body(environ, error_response(404, NOT_FOUND, "not_found_error"))
+                return refuse(environ, 404, NOT_FOUND, "not_found_error")
             if has_dot_segment(rest):
-                return settle_body(environ, error_response(400, DOT_SEGMENTS, "invalid_request_error"))
+                return refuse(environ, 400, DOT_SEGMENTS, "invalid_request_error")
             path = join_path(endpoint.target_path, rest)
         query = build_query(caller_query, endpoint.target_query, endpoint.merge_query_params, endpoint.default_query_params)
         target = request_target(path, query)
 
         caller = caller_headers(environ)
         if sum(len(name) + len(value) for name, value in caller) > MAX_HEADER_BYTES:
-            return settle_body(environ, error_response(431, HEADERS_TOO_LARGE, "invalid_request_error"))
+            return refuse(environ, 431, HEADERS_TOO_LARGE, "invalid_request_error")
         consumed = carriers | {endpoint.key_header} if endpoint.key_header else carriers
         headers = outbound_headers(
             caller,
@@ -155,28 +156,14 @@ class Forwarder:
         except InvalidUpstreamHeaders:
             finish_upstream(upstream)  # that connection is never reused
             record.error = "invalid_response"
-            return settle_body(environ, error_response(502, BAD_UPSTREAM_HEAD, "upstream_error", [("x-litellm-call-id", call_id)]))
+            return refuse(environ, 502, BAD_UPSTREAM_HEAD, "upstream_error", [("x-litellm-call-id", call_id)])
         record.stream_started()
         return response
 
 
-def raw_request_target(environ) -> str:
-    """The request-target as the caller sent it, still percent-encoded.
-
-    gunicorn sets RAW_URI, Werkzeug's servers REQUEST_URI; PATH_INFO is already decoded.
-    """
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
-    if raw:
-        return raw
-    # Another WSGI server: re-encode the decoded path (an encoded "/" is lost there).
-    query = environ.get("QUERY_STRING")
-    path = quote(environ.get("PATH_INFO", "/").encode("latin-1"), safe="/:@!$&'()*+,;=-._~")
-    return f"{path}?{query}" if query else path
-
-
 def unauthorized(environ, endpoint: Endpoint, call_id: str) -> Response:
     presented = environ.get("HTTP_AUTHORIZATION") or environ.get("HTTP_X_LITELLM_API_KEY") or (
-        endpoint.key_header and environ.get("HTTP_" + endpoint.key_header.upper().replace("-", "_"))
+        endpoint.key_header and environ.get(environ_key(endpoint.key_header))
     )
     message = "Authentication Error, invalid proxy key." if presented else "Authentication Error, No api key passed in."
     return error_response(401, message, "auth_error", [("x-litellm-call-id", call_id)])

@@ -16,6 +16,7 @@ import logging
 import time
 
 from proxy_app import metrics
+from proxy_app.urls import raw_request_target
 from proxy_app.urls import split_request_target
 
 access_log = logging.getLogger("proxy_app.access")
@@ -133,13 +134,12 @@ def finish(record: Record, environ) -> None:
     if record.streaming:
         route.in_flight.dec()
     if access_log.isEnabledFor(logging.INFO):
-        raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO", "")
         access_log.info(
             json.dumps(
                 {
                     "time": utc_timestamp(),
                     "method": method,
-                    "path": split_request_target(raw)[0],
+                    "path": split_request_target(raw_request_target(environ))[0],
                     "route": record.route,
                     "status": record.status,
                     "request_bytes": record.request_bytes,

@@ -15,8 +15,8 @@ from werkzeug.routing import BaseConverter
 from werkzeug.routing import Rule
 
 from proxy_app.config import Endpoint
-from proxy_app.errors import error_response
-from proxy_app.errors import settle_body
+from proxy_app.errors import METHOD_NOT_ALLOWED
+from proxy_app.errors import refuse
 
 
 class RestConverter(BaseConverter):
@@ -56,8 +56,7 @@ def _view(table: dict[str, Endpoint], forward, subpath: bool):
     def view(rest=None):
         endpoint = table.get(request.method)
         if endpoint is None:
-            response = error_response(405, "Method not allowed on this path.", "method_not_allowed", [("Allow", allow)])
-            return settle_body(request.environ, response)
+            return refuse(request.environ, 405, METHOD_NOT_ALLOWED, "method_not_allowed", [("Allow", allow)])
         return forward(endpoint, subpath)
 
     return view

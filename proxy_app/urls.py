@@ -18,6 +18,20 @@ from urllib.parse import unquote_plus
 _SEGMENT_SPLIT = re.compile(r"[/\\]")
 
 
+def raw_request_target(environ) -> str:
+    """The request-target as the caller sent it, still percent-encoded.
+
+    gunicorn sets RAW_URI, Werkzeug's servers REQUEST_URI; PATH_INFO is already decoded.
+    """
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        return raw
+    # Another WSGI server: re-encode the decoded path (an encoded "/" is lost there).
+    query = environ.get("QUERY_STRING")
+    path = quote(environ.get("PATH_INFO", "/").encode("latin-1"), safe="/:@!$&'()*+,;=-._~")
+    return f"{path}?{query}" if query else path
+
+
 def split_request_target(raw: str) -> tuple[str, str]:
     """Split a raw request-target into (path, query), accepting the absolute form.
 

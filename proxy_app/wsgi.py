@@ -12,6 +12,7 @@ import sys
 from proxy_app import create_app
 from proxy_app import lifecycle
 from proxy_app.config import ConfigError
+from proxy_app.config import print_problems
 
 if not logging.getLogger("proxy_app").handlers:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -19,7 +20,6 @@ if not logging.getLogger("proxy_app").handlers:
 try:
     app = create_app(lifecycle.current())
 except ConfigError as exc:
-    for line in exc.problems:
-        print(f"config error: {line}", file=sys.stderr)
+    print_problems(exc)
     # 3 is gunicorn's WORKER_BOOT_ERROR: the arbiter stops instead of re-spawning.
     sys.exit(3)
