@@ -81,7 +81,7 @@ def h2load(url: str, authorization: str, concurrency: int, seconds: float, workd
     log_file = workdir / "h2load.log"
     log_file.unlink(missing_ok=True)  # h2load appends
     argv = [
-        "h2load", "--h1", "-t1", f"-c{concurrency}", "-D", str(seconds), "-d", str(body_file),
+        "h2load", "--h1", "-t1", f"-c{concurrency}", "-D", f"{round(seconds * 1000)}ms", "-d", str(body_file),
         "-H", "content-type: application/json", "-H", f"Authorization: {authorization}",
         f"--log-file={log_file}", url,
     ]

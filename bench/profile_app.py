@@ -73,7 +73,12 @@ def main() -> None:
         import tempfile
 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="profile-metrics-")
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the access log's stream
+        # The access log writes to file descriptor 1 itself (logs.LineHandler): point it
+        # at /dev/null and keep a copy of the real stdout for the result.
+        saved = os.dup(1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        sys.stdout = open(saved, "w", closefd=False)  # noqa: SIM115
         from proxy_app.logs import logging_config
 
         logging.config.dictConfig(logging_config("info"))
@@ -103,7 +108,6 @@ def main() -> None:
     if profiler:
         profiler.disable()
     cpu = time.process_time() - started
-    sys.stdout = sys.__stdout__
     print(f"{cpu / args.n * 1e6:.1f} us CPU per request (n={args.n}, this process only{', profiled' if profiler else ''})")
     if profiler:
         stats = pstats.Stats(profiler)

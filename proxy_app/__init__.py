@@ -11,6 +11,7 @@ from proxy_app import errors
 from proxy_app import health
 from proxy_app import metrics
 from proxy_app import routes
+from proxy_app.app import ProxyFlask
 from proxy_app.config import Settings
 from proxy_app.config import load_config
 from proxy_app.config import log_summary
@@ -32,7 +33,7 @@ def create_app(config: str | os.PathLike | Mapping | Settings | None = None, env
     else:
         settings = load_config(config, environ)
         log_summary(settings)
-    app = Flask(__name__, static_folder=None)
+    app = ProxyFlask(__name__, static_folder=None)
     app.extensions["proxy_app"] = settings
     # One pooled connection per gunicorn thread (PROXY_THREADS, as in deploy/gunicorn.conf.py).
     transport = Transport(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import time
 import uuid
-from functools import partial
 
 from flask import Response
 from flask import request
@@ -185,13 +184,11 @@ def relay(upstream: HTTPResponse, call_id: str, method: str) -> Response:
         # nginx honours (and hides) this, so the stream is not buffered on the way out.
         headers.append(("X-Accel-Buffering", "no"))
     status = f"{upstream.status} {upstream.reason}" if upstream.reason else upstream.status
-    response = RelayResponse(relay_body(upstream), status=status, headers=headers)
-    # Closes the upstream connection when the caller left early (or the body was never
-    # iterated: HEAD, 204, 304), then gives the pool its slot back, as requests'
-    # Response.close does; once the body was read to its end urllib3 has already
-    # returned the connection to the pool and this is a no-op.
-    response.call_on_close(partial(finish_upstream, upstream))
-    return response
+    # direct_passthrough: Werkzeug hands RelayBody to the server as it is, instead of
+    # wrapping it in two more iterators (iter_encoded, ClosingIterator) that every chunk
+    # would pass through. Bodiless answers still get Werkzeug's empty body, and closing
+    # the response closes RelayBody either way.
+    return RelayResponse(RelayBody(upstream), status=status, headers=headers, direct_passthrough=True)
 
 
 def finish_upstream(upstream: HTTPResponse) -> None:
@@ -213,14 +210,28 @@ def check_head_parsed(raw) -> None:
             raise InvalidUpstreamHeaders("unparsable response head") from None
 
 
-def relay_body(raw):
-    """Yield upstream body bytes as they arrive, undecoded."""
-    read1 = raw.read1
-    while True:
-        try:
-            data = read1(CHUNK_SIZE, decode_content=False)
-        except (HTTPError, OSError) as exc:
-            raise UpstreamAborted(type(exc).__name__) from None
-        if not data:
-            return
-        yield data
+class RelayBody:
+    """The upstream body as a WSGI response iterable: bytes as they arrive, undecoded."""
+
+    __slots__ = ("upstream",)
+
+    def __init__(self, upstream: HTTPResponse):
+        self.upstream = upstream
+
+    def __iter__(self):
+        read1 = self.upstream.read1
+        while True:
+            try:
+                data = read1(CHUNK_SIZE, decode_content=False)
+            except (HTTPError, OSError) as exc:
+                raise UpstreamAborted(type(exc).__name__) from None
+            if not data:
+                return
+            yield data
+
+    def close(self) -> None:
+        # Closes the upstream connection when the caller left early (or the body was
+        # never iterated: HEAD, 204, 304), then gives the pool its slot back, as requests'
+        # Response.close does; once the body was read to its end urllib3 has already
+        # returned the connection to the pool and this is a no-op.
+        finish_upstream(self.upstream)

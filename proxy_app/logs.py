@@ -35,6 +35,33 @@ class LineHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - logging must never break a request
             self.handleError(record)
 
+    def writes_bare_messages(self) -> bool:
+        formatter = self.formatter
+        return not self.filters and (formatter is None or formatter._fmt == "%(message)s")
+
+
+def log_line(logger: logging.Logger, line: str) -> None:
+    """Log ``line`` at INFO; straight to the file descriptor when nothing else would happen.
+
+    With the production config (one LineHandler, message only, no filters) building a
+    LogRecord, finding the caller and formatting the record cost more than writing the
+    line itself (about 5 us a request on the access log); the bytes written are the same.
+    """
+    handlers = logger.handlers
+    if (
+        len(handlers) == 1
+        and type(handlers[0]) is LineHandler
+        and not logger.filters
+        and handlers[0].level <= logging.INFO
+        and handlers[0].writes_bare_messages()
+    ):
+        try:
+            os.write(handlers[0].fd, (line + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass  # as logging.raiseExceptions = False would: never break a request
+    else:
+        logger.info(line)
+
 
 class QuietAccessLogger(GunicornLogger):
     """gunicorn's logger without its access line.

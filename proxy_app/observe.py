@@ -16,11 +16,13 @@ import logging
 import time
 
 from proxy_app import metrics
+from proxy_app.logs import log_line
 from proxy_app.urls import raw_request_target
 from proxy_app.urls import split_request_target
 
 access_log = logging.getLogger("proxy_app.access")
 RECORD_KEY = "proxy_app.record"
+_to_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class Record:
@@ -134,8 +136,9 @@ def finish(record: Record, environ) -> None:
     if record.streaming:
         route.in_flight.dec()
     if access_log.isEnabledFor(logging.INFO):
-        access_log.info(
-            json.dumps(
+        log_line(
+            access_log,
+            _to_json(
                 {
                     "time": utc_timestamp(),
                     "method": method,
@@ -149,7 +152,6 @@ def finish(record: Record, environ) -> None:
                     "call_id": record.call_id,
                     "cost_per_request": record.cost,
                     "upstream_error": record.error,
-                },
-                separators=(",", ":"),
-            )
+                }
+            ),
         )

@@ -30,6 +30,7 @@ from urllib3 import connectionpool
 from urllib3.util import Retry
 from urllib3.util import SKIP_HEADER
 
+from proxy_app import wire
 from proxy_app.body import CHUNK_SIZE
 
 
@@ -44,6 +45,7 @@ def _keep_target(target: str) -> str:
 # parser, below a config-validated target path: it must reach the upstream byte for byte
 # (SPEC §3). The proxy is the only urllib3 user in its processes.
 connectionpool._encode_target = _keep_target
+wire.install()
 
 
 class _Adapter(HTTPAdapter):
@@ -108,6 +110,8 @@ class Transport:
             probe.prepare(method="GET", url=origin + "/")
             pool = adapter.get_connection_with_tls_context(probe, verify=True, proxies={}, cert=None)
             adapter.cert_verify(pool, probe.url, True, None)
+            # Before the pool opens its first connection (see wire.py).
+            pool.ConnectionCls = wire.OneWriteHTTPSConnection if pool.scheme == "https" else wire.OneWriteHTTPConnection
             # Retry(0, read=False): a request that may have reached the upstream is never resent.
             entry = self._pools[origin] = (pool, adapter.max_retries)
         return entry

@@ -235,9 +235,9 @@ def endpoints(up_url: str, res_url: str | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def proxy(up, res_up, env, tmp_path_factory):
-    """The production stack, one worker, 8 threads."""
+    """The production stack, one worker, 8 threads, 16 connection slots."""
     path = write_config(tmp_path_factory.mktemp("proxy8"), endpoints(up.url, res_up.url))
-    with run_gunicorn(path, env, workers=1, threads=8) as server:
+    with run_gunicorn(path, {**env, "PROXY_WORKER_CONNECTIONS": "16"}, workers=1, threads=8) as server:
         (server.worker,) = server.worker_pids()
         check_echo(server, "/r", "warmup")  # builds the worker's Session and pool
         yield server
