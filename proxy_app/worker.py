@@ -62,22 +62,29 @@ class OneWriteResponse(wsgi.Response):
     relayed answer took two system calls (and two GIL releases) where one does. The head
     is held from ``send_headers`` to the first body write, or to ``close`` when no body
     follows; ``sendfile`` writes around the head, so it is sent at once there.
+
+    ``headers_sent`` stays False while the head is only held: if the app fails before
+    anything was written, gunicorn still answers 500 instead of dropping the connection.
     """
 
     _held_head = None
     _hold = True
 
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info:
+            self._held_head = None  # PEP 3333: an error may replace a head not yet sent
+        return super().start_response(status, headers, exc_info)
+
     def send_headers(self):
         if not self._hold:
             self._write_held_head()
             return super().send_headers()
-        if self.headers_sent:
+        if self.headers_sent or self._held_head is not None:
             return
         # As gunicorn's send_headers, minus the write.
         tosend = self.default_headers()
         tosend.extend(["%s: %s\r\n" % (k, v) for k, v in self.headers])  # noqa: UP031 - gunicorn's formatting
         self._held_head = util.to_bytestring("%s\r\n" % "".join(tosend), "latin-1")  # noqa: UP031
-        self.headers_sent = True
 
     def _emit_body(self, data):
         head = self._held_head
@@ -87,20 +94,21 @@ class OneWriteResponse(wsgi.Response):
         if self.chunked:
             data = b"%X\r\n%b\r\n" % (len(data), data)  # util.write_chunk's framing
         self.sock.sendall(head + data)
+        self.headers_sent = True
 
     def _write_held_head(self):
         head = self._held_head
         if head is not None:
             self._held_head = None
             util.write(self.sock, head)
+            self.headers_sent = True
 
     def sendfile(self, respiter):
         self._hold = False
         return super().sendfile(respiter)
 
     def close(self):
-        if not self.headers_sent:
-            self.send_headers()
+        self.send_headers()
         self._write_held_head()
         super().close()
 
