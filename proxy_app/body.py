@@ -17,11 +17,11 @@ import time
 # 64 KiB steps: large enough for throughput, small enough that memory stays flat.
 CHUNK_SIZE = 64 * 1024
 # A Content-Length body is read from gunicorn in blocks of this size. gunicorn's reader
-# receives up to 1 MiB at a time and, on every smaller read, copies what is left of it
-# into a new buffer: reading 64 KiB at a time copied each byte about a dozen times, and a
-# 50 MiB upload took 0.19 s instead of 0.06 s (bench/stream_probe.py). Peak worker RSS
-# growth was the same, about 3 MiB, at 64 KiB and 512 KiB (4.6 MiB at 1 MiB).
-UPLOAD_BLOCK = 512 * 1024
+# receives a large piece at a time (worker.MAX_BODY_RECV) and, on every smaller read,
+# copies what is left of it into a new buffer: reading 64 KiB at a time out of 1 MiB
+# pieces copied each byte about a dozen times, and a 50 MiB upload took 0.19 s instead of
+# 0.06 s (bench/stream_probe.py). Half a receive per read keeps the copies few.
+UPLOAD_BLOCK = 128 * 1024
 # Bodies above this are refused with 413 (PROXY_MAX_BODY_BYTES; 0 turns the limit off).
 MAX_BODY_BYTES = int(os.environ.get("PROXY_MAX_BODY_BYTES", str(1024**3)))
 # A proxy-made error (401, 404, ...) reads and discards at most this much unread body so

@@ -648,6 +648,30 @@ def test_idle_connections_do_not_stop_others(proxy, idle):
         wait_until_serving(proxy)
 
 
+def test_kept_alive_callers_that_go_quiet_do_not_stop_others(proxy):
+    """A thread that answered waits for the next request on that connection only briefly
+    (worker.KEEPALIVE_LINGER_MS, and only while few threads are busy): as many quiet
+    kept-alive callers as threads leave every thread free for a new caller."""
+    conns = []
+    try:
+        for _ in range(8):  # the fixture's thread count
+            conn = proxy.connection(timeout=5)
+            rid = new_id()
+            response = send_echo(conn, "/r", rid)
+            assert echo_problem(response, response.read(), rid) is None
+            conns.append(conn)
+        time.sleep(0.1)
+        assert check_echo(proxy, timeout=3) < 1.0
+        # and the quiet connections still serve their next request
+        for conn in conns:
+            rid = new_id()
+            response = send_echo(conn, "/r", rid)
+            assert echo_problem(response, response.read(), rid) is None
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 # --------------------------------------------------------------------------
 # Memory: large bodies, compressed bodies
 # --------------------------------------------------------------------------
