@@ -115,6 +115,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", default=None, help="PROXY_THREADS for the worker (default: the conf's)")
     parser.add_argument("--smoke", action="store_true", help="one short point: proves the bench runs")
+    parser.add_argument("--app", default=None, help="another WSGI app in the proxy's place (e.g. bench.floor_apps:constant)")
     args = parser.parse_args()
     if args.smoke:
         args.seconds, args.concurrency, args.reps = 1, "8", 1
@@ -153,7 +154,7 @@ def main() -> int:
             wait_listening(upstream_port)
             started = time.monotonic()
             procs.append(subprocess.Popen(
-                pinned(proxy_cpu, [str(gunicorn), "-c", "deploy/gunicorn.conf.py", "-w", "1", "-b", f"127.0.0.1:{proxy_port}"]),
+                pinned(proxy_cpu, [str(gunicorn), "-c", "deploy/gunicorn.conf.py", "-w", "1", "-b", f"127.0.0.1:{proxy_port}", *([args.app] if args.app else [])]),
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(workdir / "gunicorn.log", "w"),  # noqa: SIM115
             ))
             wait_listening(proxy_port)
@@ -172,7 +173,7 @@ def main() -> int:
                     cpu.append((cpu_seconds(worker) - before) / max(result["done"], 1) * 1e6)
                     proxied.append(result)
                 rows.append((concurrency, direct, proxied, cpu))
-            print(f"proxy_app bench: {os.cpu_count()} cores, proxy {'on CPU 1' if split else 'unpinned'}, "
+            print(f"{args.app or 'proxy_app'} bench: {os.cpu_count()} cores, proxy {'on CPU 1' if split else 'unpinned'}, "
                   f"{args.reps} x {args.seconds:g} s per point, medians; worker start-up {startup:.2f} s, "
                   f"idle worker RSS {rss_idle:.1f} MiB\n")
             print("| conc | direct req/s | proxy req/s | proxy p50 ms | proxy p99 ms | added p50 ms | worker CPU us/req | failed |")

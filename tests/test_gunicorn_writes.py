@@ -18,6 +18,8 @@ from gunicorn.http import get_parser
 from gunicorn.http import wsgi
 
 from proxy_app.worker import OneWriteResponse
+from tests.seqpacket import queued_messages
+from tests.seqpacket import seqpacket_pair
 
 P = pytest.param
 CFG = Config()
@@ -49,36 +51,23 @@ def parse_request(sockets, raw: bytes):
     return next(get_parser(CFG, server_end, ("127.0.0.1", 1234)))
 
 
-def messages(sock: socket.socket, limit: int = 50) -> list[bytes]:
-    """Every message queued on sock, without waiting.
-
-    The response is written from this thread, and a unix socket's sendall returns once
-    the bytes are in the peer's queue: a non-blocking read sees every write made so far.
-    """
-    received = []
-    sock.settimeout(0)  # with a timeout set, Python would poll (and wait) before reading
-    try:
-        for _ in range(limit):
-            try:
-                received.append(sock.recv(1 << 20))
-            except BlockingIOError:
-                return received
-    finally:
-        sock.settimeout(1)
-    raise AssertionError(f"more than {limit} messages")
-
-
-def respond(sockets, raw, status, headers, writes, cls=OneWriteResponse):
-    """Drive a response as gthread does; the messages seen before and at close()."""
+def start(sockets, raw, status, headers, writes, cls=OneWriteResponse):
+    """A response driven as gthread does, up to (not including) close(); (resp, peer)."""
     req = parse_request(sockets, raw)
-    out, peer = sockets(*socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+    out, peer = sockets(*seqpacket_pair())
     resp = cls(req, out, CFG)
     resp.start_response(status, list(headers))
     for data in writes:
         resp.write(data)
-    before_close = messages(peer)
+    return resp, peer
+
+
+def respond(sockets, raw, status, headers, writes, cls=OneWriteResponse):
+    """Drive a response as gthread does; the messages seen before and at close()."""
+    resp, peer = start(sockets, raw, status, headers, writes, cls)
+    before_close = queued_messages(peer)
     resp.close()
-    return before_close, messages(peer)
+    return before_close, queued_messages(peer)
 
 
 def head_of(status_line: bytes, *lines: bytes, connection=b"keep-alive") -> bytes:
@@ -214,16 +203,16 @@ def test_never_more_writes_than_stock_gunicorn(sockets, raw, status, headers, wr
 
 def send_file(sockets, cls, raw=GET_11, headers=(("Content-Length", "8"),), data=b"filedata"):
     req = parse_request(sockets, raw)
-    out, peer = sockets(*socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+    out, peer = sockets(*seqpacket_pair())
     with tempfile.TemporaryFile() as file:
         file.write(data)
         file.seek(0)
         resp = cls(req, out, CFG)
         resp.start_response("200 OK", list(headers))
         resp.write_file(wsgi.FileWrapper(file))
-        before_close = messages(peer)
+        before_close = queued_messages(peer)
         resp.close()
-        return before_close, messages(peer)
+        return before_close, queued_messages(peer)
 
 
 def test_sendfile_writes_the_head_before_the_file(sockets):
@@ -260,29 +249,20 @@ def test_sendfile_same_bytes_as_stock_gunicorn(sockets, raw, headers):
 )
 def test_a_held_head_is_not_reported_sent(sockets, raw, status, headers, writes):
     """gthread answers 500 when the app fails before headers_sent; a held head is unsent."""
-    req = parse_request(sockets, raw)
-    out, peer = sockets(*socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
-    resp = OneWriteResponse(req, out, CFG)
-    resp.start_response(status, list(headers))
-    for data in writes:
-        resp.write(data)
-    assert (resp.headers_sent, messages(peer)) == (False, [])
+    resp, peer = start(sockets, raw, status, headers, writes)
+    assert (resp.headers_sent, queued_messages(peer)) == (False, [])
     resp.close()
     assert resp.headers_sent
-    assert len(messages(peer)) == 1
+    assert len(queued_messages(peer)) == 1
 
 
 def test_an_error_replaces_a_held_head(sockets):
     """PEP 3333: start_response with exc_info may replace a head that has not left yet."""
-    req = parse_request(sockets, GET_11)
-    out, peer = sockets(*socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
-    resp = OneWriteResponse(req, out, CFG)
-    resp.start_response("200 OK", [("Content-Length", "0")])
-    resp.write(b"")
+    resp, peer = start(sockets, GET_11, "200 OK", [("Content-Length", "0")], [b""])
     try:
         raise RuntimeError("app failed")
     except RuntimeError as exc:
         resp.start_response("500 Internal Server Error", [("Content-Length", "0")], (type(exc), exc, exc.__traceback__))
     resp.close()
-    (message,) = messages(peer)
+    (message,) = queued_messages(peer)
     assert message.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")

@@ -16,6 +16,8 @@ import urllib3
 
 import proxy_app.upstream  # noqa: F401 - installs wire.parse_headers, as in production
 from proxy_app import wire
+from tests.seqpacket import queued_messages
+from tests.seqpacket import seqpacket_pair
 
 P = pytest.param
 SKIP = urllib3.util.SKIP_HEADER
@@ -199,7 +201,7 @@ def test_installed_parser_serves_http_client_responses():
 @pytest.fixture
 def seqpacket():
     """(sender, receiver): SEQPACKET keeps sendall boundaries, one recv per write."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a, b = seqpacket_pair()
     a.settimeout(2)
     b.settimeout(1)
     try:
@@ -207,26 +209,6 @@ def seqpacket():
     finally:
         a.close()
         b.close()
-
-
-def messages(sock: socket.socket, limit: int = 50) -> list[bytes]:
-    """Every message queued on sock.
-
-    request() has returned, and a unix socket's sendall returns once the bytes are in the
-    peer's queue, so a non-blocking read sees every write without waiting.
-    """
-    received = []
-    timeout = sock.gettimeout()
-    sock.settimeout(0)  # with a timeout set, Python polls first and MSG_DONTWAIT would wait
-    try:
-        for _ in range(limit):
-            try:
-                received.append(sock.recv(1 << 20))
-            except BlockingIOError:
-                return received
-    finally:
-        sock.settimeout(timeout)
-    raise AssertionError(f"more than {limit} messages")
 
 
 def send_request(sock, cls=wire.OneWriteHTTPConnection, host="upstream.test", port=80, **kwargs):
@@ -253,7 +235,7 @@ def test_small_body_goes_out_with_the_head_in_one_write(seqpacket):
         b"\r\n"
         b'{"a":1}'
     )
-    assert messages(b) == []  # a non-blocking read finds no second write
+    assert queued_messages(b) == []  # a non-blocking read finds no second write
     assert conn._body_with_head is None
 
 
@@ -330,14 +312,14 @@ def test_request_bytes_and_writes(seqpacket, kwargs, expected):
     if isinstance(kwargs["body"], Generated):
         kwargs = {**kwargs, "body": (part for part in kwargs["body"])}
     conn = send_request(a, method="POST", url="/v1/x", **kwargs)
-    assert messages(b) == expected
+    assert queued_messages(b) == expected
     assert conn._body_with_head is None
 
 
 def test_get_without_body_is_one_write_and_leaves_nothing_held(seqpacket):
     a, b = seqpacket
     conn = send_request(a, method="GET", url="/v1/models?x=1", body=None, headers={"User-Agent": SKIP})
-    assert messages(b) == [b"GET /v1/models?x=1 HTTP/1.1\r\nHost: upstream.test\r\nAccept-Encoding: identity\r\n\r\n"]
+    assert queued_messages(b) == [b"GET /v1/models?x=1 HTTP/1.1\r\nHost: upstream.test\r\nAccept-Encoding: identity\r\n\r\n"]
     assert conn._body_with_head is None
 
 
@@ -353,7 +335,7 @@ def test_https_connection_class_merges_too(seqpacket):
         body=b"hello",
         headers={"Content-Length": "5", "User-Agent": SKIP, "Accept-Encoding": SKIP},
     )
-    assert messages(b) == [b"PUT /x HTTP/1.1\r\nHost: upstream.test\r\nContent-Length: 5\r\n\r\nhello"]
+    assert queued_messages(b) == [b"PUT /x HTTP/1.1\r\nHost: upstream.test\r\nContent-Length: 5\r\n\r\nhello"]
 
 
 def test_held_body_does_not_leak_into_the_next_request_on_the_connection(seqpacket):
@@ -361,7 +343,7 @@ def test_held_body_does_not_leak_into_the_next_request_on_the_connection(seqpack
     # own head only, and a GET after a POST must carry nothing.
     a, b = seqpacket
     conn = send_request(a, method="POST", url="/one", body=b"first", headers={"Content-Length": "5", "User-Agent": SKIP, "Accept-Encoding": SKIP})
-    assert messages(b) == [b"POST /one HTTP/1.1\r\nHost: upstream.test\r\nContent-Length: 5\r\n\r\nfirst"]
+    assert queued_messages(b) == [b"POST /one HTTP/1.1\r\nHost: upstream.test\r\nContent-Length: 5\r\n\r\nfirst"]
     b.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Up: 1\r\n\r\nok")
     response = conn.getresponse()
     assert response.status == 200
@@ -369,5 +351,5 @@ def test_held_body_does_not_leak_into_the_next_request_on_the_connection(seqpack
     assert response.data == b"ok"  # preloaded, as the pool does; the connection is idle again
 
     conn.request("GET", "/two", headers={"User-Agent": SKIP, "Accept-Encoding": SKIP})
-    assert messages(b) == [b"GET /two HTTP/1.1\r\nHost: upstream.test\r\n\r\n"]
+    assert queued_messages(b) == [b"GET /two HTTP/1.1\r\nHost: upstream.test\r\n\r\n"]
     assert conn._body_with_head is None
