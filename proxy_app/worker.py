@@ -43,7 +43,7 @@ FIRST_BYTE_TIMEOUT = 10.0
 # Only connections idle at least this long are closed to make room.
 MIN_IDLE_TO_EVICT = 0.5
 # How long a thread that has just answered waits on the same connection for its next
-# request, when no other connection is waiting for a thread (milliseconds).
+# request while few threads are busy (milliseconds; see ProxyThreadWorker.handle).
 KEEPALIVE_LINGER_MS = 2
 # The largest recv() of a request body (gunicorn's default: 1 MiB); see init_process.
 MAX_BODY_RECV = 256 * 1024
@@ -174,8 +174,9 @@ class ProxyThreadWorker(ThreadWorker):
         # HTTP/2 passes its own class). Set in the worker process only.
         wsgi.Response = OneWriteResponse
         # gunicorn receives a request body up to 1 MiB per recv() and then copies what the
-        # app has not read yet on every read: a 50 MiB upload grew the worker's peak RSS by
-        # about 4 MiB. At 256 KiB it grew by about 1.2 MiB and was as fast (bench/stream_probe.py).
+        # app has not read yet on every read: a 50 MiB upload grew the worker's peak RSS
+        # by about 4 MiB. At 256 KiB it grew by about 1.2 MiB and was as fast
+        # (bench/stream_probe.py).
         SocketUnreader.max_body_chunk = MAX_BODY_RECV
         # Threads serving a connection now; see handle.
         self._busy = 0
@@ -192,11 +193,11 @@ class ProxyThreadWorker(ThreadWorker):
         that on every request: at concurrency 1, a constant answer cost gunicorn's worker
         142 us of CPU and this one 100 us (bench/floor_apps.py). So while at most a quarter
         of the threads are busy, the thread that answered waits up to KEEPALIVE_LINGER_MS
-        for the next request on that connection itself. Past that, connections go back to the poller after each answer, as in
-        gunicorn, so that every connection gets its turn: when the threads are all busy
-        and the GIL is contended, the main thread sees ready connections late, and threads
-        serving their own connection in a loop made p99 latency at concurrency 64 three
-        times worse.
+        for the next request on that connection itself. Past that, connections go back to
+        the poller after each answer, as in gunicorn, so that every connection gets its
+        turn: when the threads are all busy and the GIL is contended, the main thread sees
+        ready connections late, and threads serving their own connection in a loop made
+        p99 latency at concurrency 64 three times worse.
         """
         with self._busy_lock:
             self._busy += 1
