@@ -614,9 +614,11 @@ class _Connection:
 class Upstream:
     """A scripted HTTP/1.1 server on 127.0.0.1, port chosen by the OS."""
 
-    def __init__(self, host: str = "127.0.0.1", timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, host: str = "127.0.0.1", timeout: float = DEFAULT_TIMEOUT, tls=None):
         self.host = host
         self.timeout = timeout
+        # An ssl.SSLContext (server side): every accepted connection speaks TLS.
+        self.tls = tls
         self.port = 0
         self.url: str | None = None
         self.requests: list[Recorded] = []
@@ -646,7 +648,7 @@ class Upstream:
         listener.settimeout(ACCEPT_POLL)
         self._listener = listener
         self.port = listener.getsockname()[1]
-        self.url = f"http://{self.host}:{self.port}"
+        self.url = f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
         self._accept_thread = threading.Thread(target=self._accept_loop, name=f"upstream-accept-{self.port}", daemon=True)
         self._accept_thread.start()
         return self
@@ -740,6 +742,9 @@ class Upstream:
         sock.settimeout(self.timeout)
         # Each chunk must leave at once so tests can measure streaming delays.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            # The handshake happens on the first read, in the connection's own thread.
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         with self._changed:
             if self.stopping:
                 sock.close()
