@@ -46,9 +46,13 @@ def make_client():
     return build
 
 
-@pytest.fixture
-def proxy_env():
+def subprocess_env() -> dict:
     """An os.environ copy for subprocesses: no proxy variables, the test secret set."""
     env = {k: v for k, v in os.environ.items() if k not in PROXY_ENV}
     env["SECRET"] = SECRET
     return env
+
+
+@pytest.fixture
+def proxy_env():
+    return subprocess_env()

@@ -26,8 +26,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tests.conftest import PROXY_ENV
-from tests.conftest import SECRET
+from tests.conftest import subprocess_env
 from tests.gunicorn_proc import reset_peak
 from tests.gunicorn_proc import run_gunicorn
 from tests.gunicorn_proc import status_kib
@@ -191,9 +190,7 @@ BAD_FRAMING_PARAMS = [
 
 @pytest.fixture(scope="module")
 def env():
-    environ = {k: v for k, v in os.environ.items() if k not in PROXY_ENV}
-    environ["SECRET"] = SECRET
-    return environ
+    return subprocess_env()
 
 
 @pytest.fixture(scope="module")

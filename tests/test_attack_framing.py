@@ -23,7 +23,6 @@ before each test. Every socket operation has a timeout and every loop is bounded
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -33,9 +32,9 @@ import pytest
 
 from proxy_app.config import ConfigError
 from proxy_app.config import load_config
-from tests.conftest import PROXY_ENV
 from tests.conftest import SECRET
 from tests.conftest import config_for
+from tests.conftest import subprocess_env
 from tests.gunicorn_proc import run_gunicorn
 from tests.gunicorn_proc import write_config
 from tests.upstream import Upstream
@@ -79,10 +78,7 @@ def proxy(up, tmp_path_factory):
         {"path": "/getpost", "target": up.url + "/g", "methods": ["GET", "POST"], "headers": secret_header},
     )
     path = write_config(tmp_path_factory.mktemp("attack-framing"), config)
-    # What the proxy_env fixture gives (it is function-scoped): no proxy variables, SECRET set.
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_ENV}
-    env["SECRET"] = SECRET
-    with run_gunicorn(path, env, workers=1, threads=8) as server:
+    with run_gunicorn(path, subprocess_env(), workers=1, threads=8) as server:
         server.excused_log = []
         yield server
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import socket
 import time
@@ -31,9 +30,9 @@ import pytest
 import requests
 
 from tests.conftest import MASTER_KEY
-from tests.conftest import PROXY_ENV
 from tests.conftest import SECRET
 from tests.conftest import config_for
+from tests.conftest import subprocess_env
 from tests.gunicorn_proc import run_gunicorn
 from tests.gunicorn_proc import write_config
 from tests.upstream import Upstream
@@ -171,13 +170,6 @@ def raw_exchange(port: int, data: bytes, timeout: float = IO_TIMEOUT) -> Reply:
 # --------------------------------------------------------------------------
 
 
-def clean_env() -> dict:
-    # What the (function-scoped) proxy_env fixture of conftest.py gives, for module scope.
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_ENV}
-    env["SECRET"] = SECRET
-    return env
-
-
 @pytest.fixture(scope="module")
 def up():
     with Upstream() as server:
@@ -235,7 +227,7 @@ def routing(request, up, trap, tmp_path_factory):
         {"path": "/deep/sub", "target": target, "include_subpath": True, "headers": AUTH_HEADER},
     )
     path = write_config(tmp_path_factory.mktemp(f"routing-{kind}"), config)
-    with run_gunicorn(path, clean_env(), workers=1, threads=8) as server:
+    with run_gunicorn(path, subprocess_env(), workers=1, threads=8) as server:
         yield Routing(server, kind, TARGET_PATHS[kind])
 
 
@@ -448,7 +440,7 @@ def hostile_env(trap, tmp_path_factory):
     netrc = home / ".netrc"
     netrc.write_text(f"machine 127.0.0.1 login {NETRC_USER} password {NETRC_PASS}\n")
     netrc.chmod(0o600)
-    env = clean_env()
+    env = subprocess_env()
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         env[name] = trap.url
     env.update({"NO_PROXY": "", "no_proxy": "", "HOME": str(home), "NETRC": str(netrc)})
