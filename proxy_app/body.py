@@ -16,12 +16,15 @@ import time
 
 # 64 KiB steps: large enough for throughput, small enough that memory stays flat.
 CHUNK_SIZE = 64 * 1024
+# The largest recv() gunicorn makes for a request body (its default: 1 MiB), set by the
+# worker (worker.ProxyThreadWorker.init_process).
+MAX_BODY_RECV = 256 * 1024
 # A Content-Length body is read from gunicorn in blocks of this size. gunicorn's reader
-# receives a large piece at a time (worker.MAX_BODY_RECV) and, on every smaller read,
-# copies what is left of it into a new buffer: reading 64 KiB at a time out of 1 MiB
-# pieces copied each byte about a dozen times, and a 50 MiB upload took 0.19 s instead of
-# 0.06 s (bench/stream_probe.py). Half a receive per read keeps the copies few.
-UPLOAD_BLOCK = 128 * 1024
+# receives a large piece at a time and, on every smaller read, copies what is left of it
+# into a new buffer: reading 64 KiB at a time out of 1 MiB pieces copied each byte about a
+# dozen times, and a 50 MiB upload took 0.19 s instead of 0.06 s (bench/stream_probe.py).
+# Half a receive per read keeps the copies few.
+UPLOAD_BLOCK = MAX_BODY_RECV // 2
 # Bodies above this are refused with 413 (PROXY_MAX_BODY_BYTES; 0 turns the limit off).
 MAX_BODY_BYTES = int(os.environ.get("PROXY_MAX_BODY_BYTES", str(1024**3)))
 # A proxy-made error (401, 404, ...) reads and discards at most this much unread body so

@@ -39,14 +39,14 @@ from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import TConn
 from gunicorn.workers.gthread import ThreadWorker
 
+from proxy_app.body import MAX_BODY_RECV
+
 FIRST_BYTE_TIMEOUT = 10.0
 # Only connections idle at least this long are closed to make room.
 MIN_IDLE_TO_EVICT = 0.5
 # How long a thread that has just answered waits on the same connection for its next
 # request while few threads are busy (milliseconds; see ProxyThreadWorker.handle).
 KEEPALIVE_LINGER_MS = 2
-# The largest recv() of a request body (gunicorn's default: 1 MiB); see init_process.
-MAX_BODY_RECV = 256 * 1024
 
 
 def _has_data(sock) -> bool:
