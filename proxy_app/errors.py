@@ -1,33 +1,30 @@
-"""Errors the proxy makes itself, as the LiteLLM-shaped JSON envelope (SPEC §5).
+"""Errors the proxy makes itself, as the LiteLLM-shaped JSON envelope.
 
 A message never contains a configured header value, the master key or a caller's key:
 every message below is a fixed sentence or names only paths, methods and field names.
 
-Upstream failures before the response began (urllib3's exceptions, translated the way
-``requests.adapters.HTTPAdapter.send`` does) map as:
-
-- connect timeout (``MaxRetryError`` from ``ConnectTimeoutError``), ``ReadTimeoutError`` -> 504
-- refused or unresolvable (``NewConnectionError``), TLS (``SSLError``), reset or closed
-  (``ProtocolError``, ``OSError``), any other ``urllib3.exceptions.HTTPError``          -> 502
+An upstream that fails before its response began is answered 502 or 504 with a message
+that names the class of failure (:data:`UPSTREAM_FAILURES`), the same class goes into
+the access line's ``upstream_error`` and the ``proxy_upstream_errors_total`` metric, and
+one WARNING names the endpoint, the target host and the cause (forward.py).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import ssl
+from dataclasses import dataclass
 
 from flask import Response
 from flask import request
-
-from urllib3.exceptions import ConnectTimeoutError
-from urllib3.exceptions import MaxRetryError
-from urllib3.exceptions import NewConnectionError
-from urllib3.exceptions import ProtocolError
-from urllib3.exceptions import ReadTimeoutError
-from urllib3.exceptions import SSLError
+from urllib3 import exceptions as urllib3_exceptions
 
 from proxy_app.body import close_after_response
 from proxy_app.body import drain
 from proxy_app.body import has_body
+from proxy_app.wire import UnparsableHead
 
 
 def error_response(status: int, message: str, kind: str, headers: list[tuple[str, str]] = ()) -> Response:
@@ -54,32 +51,104 @@ def refuse(environ, status: int, message: str, kind: str, headers: list[tuple[st
     return settle_body(environ, error_response(status, message, kind, headers))
 
 
-def upstream_error_kind(exc: Exception) -> str:
-    """Name an upstream failure (before the response began) for logs and metrics."""
-    if isinstance(exc, MaxRetryError) and exc.reason is not None:
-        exc = exc.reason
-    # NewConnectionError subclasses ConnectTimeoutError (urllib3 compatibility): test it first.
-    if isinstance(exc, NewConnectionError):
-        return "connection_error"
-    if isinstance(exc, ConnectTimeoutError):
-        return "connect_timeout"
-    if isinstance(exc, ReadTimeoutError):
-        return "read_timeout"
-    if isinstance(exc, SSLError):
+@dataclass(frozen=True)
+class UpstreamFailure:
+    kind: str  # the access line's upstream_error and the metric's label
+    status: int
+    message: str
+
+
+# kind -> (status, what the caller is told). Timeouts are 504, everything else 502.
+UPSTREAM_FAILURES = {
+    "dns_error": (502, "The proxy could not resolve the upstream host."),
+    "connection_refused": (502, "The upstream refused the connection."),
+    "connection_error": (502, "The proxy could not connect to the upstream."),
+    "connect_timeout": (504, "The upstream did not accept the connection within the timeout."),
+    "tls_untrusted": (502, "The upstream's TLS certificate is not trusted."),
+    "tls_error": (502, "The TLS handshake with the upstream failed."),
+    "connection_reset": (502, "The upstream closed the connection before answering."),
+    "read_timeout": (504, "The upstream did not answer within the timeout."),
+    "invalid_response": (502, "The upstream sent a response head that cannot be relayed."),
+    "protocol_error": (502, "The upstream sent an invalid response."),
+}
+
+
+def causes(exc: BaseException, limit: int = 8) -> list[BaseException]:
+    """``exc`` and what it wraps, outermost first.
+
+    requests wraps urllib3's exceptions (in ``args[0]``), urllib3 wraps the socket's or
+    http.client's (``MaxRetryError.reason``, ``ProtocolError.args[1]``, ``__cause__``,
+    ``__context__``).
+    """
+    chain: list[BaseException] = []
+    todo = [exc]
+    while todo and len(chain) < limit:
+        current = todo.pop(0)
+        if current is None or any(current is seen for seen in chain):
+            continue
+        chain.append(current)
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+        todo.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        todo.extend((current.__cause__, current.__context__))
+    return chain
+
+
+def failure_kind(chain: list[BaseException]) -> str:
+    """Classify an upstream failure from its chain of causes (see :func:`causes`)."""
+
+    def has(*types) -> bool:
+        return any(isinstance(e, types) for e in chain)
+
+    if has(UnparsableHead):
+        return "invalid_response"
+    if has(socket.gaierror):
+        return "dns_error"
+    if has(ssl.SSLCertVerificationError):
+        return "tls_untrusted"
+    if has(ssl.SSLError, urllib3_exceptions.SSLError):
         return "tls_error"
-    if isinstance(exc, (ProtocolError, OSError)):
+    if has(ConnectionRefusedError):
+        return "connection_refused"
+    if has(urllib3_exceptions.ReadTimeoutError):
+        return "read_timeout"
+    # NewConnectionError subclasses ConnectTimeoutError (urllib3 compatibility): a refused
+    # or unreachable connect is one, a timed-out connect is a ConnectTimeoutError alone.
+    if has(urllib3_exceptions.NewConnectionError):
+        return "connection_error"
+    if has(urllib3_exceptions.ConnectTimeoutError, TimeoutError):
+        return "connect_timeout"
+    if has(ConnectionResetError, ConnectionAbortedError, BrokenPipeError, http.client.RemoteDisconnected, urllib3_exceptions.ProtocolError):
+        return "connection_reset"
+    if has(OSError):
         return "connection_error"
     return "protocol_error"
 
 
-def upstream_error_response(exc: Exception, call_id: str) -> tuple[Response, str]:
+def describe_cause(chain: list[BaseException]) -> str:
+    """The innermost cause in words, for the log: no URL (it may hold a secret), no value."""
+    for exc in reversed(chain):
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return f"TLS certificate verification failed: {exc.verify_message}"
+        if isinstance(exc, OSError) and (exc.strerror or exc.args):
+            # A socket-level error: no URL in it ("Connection refused", "timed out").
+            return exc.strerror or str(exc)
+        if isinstance(exc, (http.client.HTTPException, ssl.SSLError)):
+            return f"{type(exc).__name__}: {exc}"
+    return type(chain[-1]).__name__
+
+
+def upstream_failure(exc: BaseException) -> UpstreamFailure:
+    kind = failure_kind(causes(exc))
+    status, message = UPSTREAM_FAILURES[kind]
+    return UpstreamFailure(kind, status, message)
+
+
+def upstream_error_response(failure: UpstreamFailure, call_id: str) -> Response:
     """The 502/504 answer for an upstream that failed before its response began."""
-    kind = upstream_error_kind(exc)
-    headers = [("x-litellm-call-id", call_id)]
-    if kind in ("connect_timeout", "read_timeout"):
-        return error_response(504, "The upstream did not answer within the timeout.", "upstream_timeout", headers), kind
-    message = "The upstream could not be reached or sent an invalid response."
-    return error_response(502, message, "upstream_error", headers), kind
+    kind = "upstream_timeout" if failure.status == 504 else "upstream_error"
+    return error_response(failure.status, failure.message, kind, [("x-litellm-call-id", call_id)])
 
 
 def init_app(app) -> None:

@@ -1,25 +1,26 @@
 """The request lifecycle of one pass-through call, top to bottom.
 
-    check the proxy key -> build the upstream target -> build the headers -> open the
-    upstream request (body streamed) -> relay status, headers and body as they arrive
+    authorize -> prepare (target and headers) -> send (body streamed) -> relay, and one
+    error handler for every way it can stop early
 
-Everything per-endpoint was prepared at start-up (see config.Endpoint); the rules are
-pure functions in urls.py and headers.py; here they are only put in order.
+the way Go's ``httputil.ReverseProxy`` splits it (Rewrite, Transport, copy, ErrorHandler).
+Everything per-endpoint was prepared at start-up (see config.Endpoint); the rules are pure
+functions in urls.py and headers.py; :func:`prepare` only puts them in order.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 from flask import Response
 from flask import request
 from urllib3 import HTTPResponse
 from urllib3 import Timeout
-from urllib3.exceptions import HeaderParsingError
 from urllib3.exceptions import HTTPError
-from urllib3.util.response import assert_header_parsing
 
 from proxy_app.auth import environ_key
 from proxy_app.auth import key_carriers
@@ -32,15 +33,19 @@ from proxy_app.config import Settings
 from proxy_app.debug import debug_request
 from proxy_app.debug import debug_response
 from proxy_app.errors import NOT_FOUND
+from proxy_app.errors import causes
+from proxy_app.errors import describe_cause
 from proxy_app.errors import error_response
 from proxy_app.errors import refuse
 from proxy_app.errors import settle_body
 from proxy_app.errors import upstream_error_response
+from proxy_app.errors import upstream_failure
 from proxy_app.headers import InvalidUpstreamHeaders
 from proxy_app.headers import caller_headers
 from proxy_app.headers import outbound_headers
 from proxy_app.headers import response_headers
 from proxy_app.observe import RECORD_KEY
+from proxy_app.observe import Record
 from proxy_app.upstream import Transport
 from proxy_app.urls import build_query
 from proxy_app.urls import has_dot_segment
@@ -50,6 +55,7 @@ from proxy_app.urls import request_target
 from proxy_app.urls import split_request_target
 from proxy_app.urls import subpath_rest
 
+log = logging.getLogger("proxy_app")
 
 DOT_SEGMENTS = "Dot segments ('.', '..') are not allowed in the path."
 HEADERS_TOO_LARGE = "The request headers are too large."
@@ -57,6 +63,63 @@ BAD_UPSTREAM_HEAD = "The upstream sent a response head that cannot be relayed."
 # The caller's header block, in total: gunicorn limits each line and the line count, not
 # the sum (100 x 8 KiB would pass). nginx's default allows 32 KiB.
 MAX_HEADER_BYTES = 64 * 1024
+
+
+class Refusal(Exception):
+    """A request the proxy answers itself, before anything is sent upstream."""
+
+    def __init__(self, status: int, message: str, kind: str, headers: list[tuple[str, str]] = ()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.headers = headers
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """What goes upstream: method, path and query below the target, and the headers."""
+
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+
+    @property
+    def target(self) -> str:
+        return request_target(self.path, self.query)
+
+
+def prepare(environ, endpoint: Endpoint, subpath: bool, carriers: frozenset[str]) -> Outgoing:
+    """The upstream request for the caller's request in ``environ``: no I/O, no state.
+
+    :param carriers: the caller headers that carry the proxy key (never forwarded).
+    :raises Refusal: the request cannot be forwarded (404, 400, 431).
+    """
+    raw_path, caller_query = split_request_target(raw_request_target(environ))
+    path = endpoint.target_path
+    if subpath:
+        rest = subpath_rest(raw_path, endpoint.path)
+        if rest is None:
+            raise Refusal(404, NOT_FOUND, "not_found_error")
+        if has_dot_segment(rest):
+            raise Refusal(400, DOT_SEGMENTS, "invalid_request_error")
+        path = join_path(endpoint.target_path, rest)
+    query = build_query(caller_query, endpoint.target_query, endpoint.merge_query_params, endpoint.default_query_params)
+
+    caller = caller_headers(environ)
+    if sum(len(name) + len(value) for name, value in caller) > MAX_HEADER_BYTES:
+        raise Refusal(431, HEADERS_TOO_LARGE, "invalid_request_error")
+    consumed = carriers | {endpoint.key_header} if endpoint.key_header else carriers
+    headers = outbound_headers(
+        caller,
+        endpoint.headers,
+        endpoint.configured_names,
+        endpoint.forward_headers,
+        environ.get("REMOTE_ADDR"),
+        consumed,
+    )
+    return Outgoing(environ["REQUEST_METHOD"], path, query, headers)
 
 
 class RelayResponse(Response):
@@ -97,88 +160,101 @@ class Forwarder:
 
     def __call__(self, endpoint: Endpoint, subpath: bool) -> Response:
         environ = request.environ
-        method = environ["REQUEST_METHOD"]
-        call_id = str(uuid.uuid4())
-        record = environ[RECORD_KEY]
-        record.route = endpoint.path
-        record.call_id = call_id
-        record.cost = endpoint.cost_per_request
-        carriers = key_carriers(environ, self.master_key, endpoint.key_header)
-        if endpoint.auth and not carriers:
-            return settle_body(environ, unauthorized(environ, endpoint, call_id))
-
-        raw_path, caller_query = split_request_target(raw_request_target(environ))
-        path = endpoint.target_path
-        if subpath:
-            rest = subpath_rest(raw_path, endpoint.path)
-            if rest is None:
-                return refuse(environ, 404, NOT_FOUND, "not_found_error")
-            if has_dot_segment(rest):
-                return refuse(environ, 400, DOT_SEGMENTS, "invalid_request_error")
-            path = join_path(endpoint.target_path, rest)
-        query = build_query(caller_query, endpoint.target_query, endpoint.merge_query_params, endpoint.default_query_params)
-        target = request_target(path, query)
-
-        caller = caller_headers(environ)
-        if sum(len(name) + len(value) for name, value in caller) > MAX_HEADER_BYTES:
-            return refuse(environ, 431, HEADERS_TOO_LARGE, "invalid_request_error")
-        consumed = carriers | {endpoint.key_header} if endpoint.key_header else carriers
-        headers = outbound_headers(
-            caller,
-            endpoint.headers,
-            endpoint.configured_names,
-            endpoint.forward_headers,
-            environ.get("REMOTE_ADDR"),
-            consumed,
-        )
-
-        if self.debug:
-            shown_path = "/***" if endpoint.target_is_secret else path
-            debug_request(call_id, method, endpoint.origin, shown_path, query, headers)
+        record = start_record(environ, endpoint)
         try:
-            body = request_body(environ, headers)
-            upstream = self.transport.send(method, endpoint.origin, target, headers, body, self.timeouts[endpoint.index])
-        except BadRequestBody as exc:
-            # The rest of the connection cannot be trusted to hold a next request.
-            record.error = "bad_request_body"
-            response = error_response(exc.status, str(exc) + ".", "invalid_request_error")
-            close_after_response(environ, response)
-            return response
-        except (HTTPError, OSError) as exc:
-            response, record.error = upstream_error_response(exc, call_id)
-            return settle_body(environ, response)
-        record.ttfb = time.perf_counter() - record.started
-        if self.debug:
-            debug_response(call_id, upstream)
-        try:
-            response = relay(upstream, call_id, method)
-        except InvalidUpstreamHeaders:
-            finish_upstream(upstream)  # that connection is never reused
-            record.error = "invalid_response"
-            return refuse(environ, 502, BAD_UPSTREAM_HEAD, "upstream_error", [("x-litellm-call-id", call_id)])
+            carriers = self.authorize(environ, endpoint, record.call_id)
+            outgoing = prepare(environ, endpoint, subpath, carriers)
+            upstream = self.send(environ, endpoint, outgoing, record)
+            response = relay(upstream, record.call_id, outgoing.method)
+        except FAILURES as exc:
+            return self.handle_error(environ, endpoint, record, exc)
         record.stream_started()
         return response
 
+    def authorize(self, environ, endpoint: Endpoint, call_id: str) -> frozenset[str]:
+        """The caller headers carrying the proxy key; :class:`Refusal` (401) when one is needed and missing."""
+        carriers = key_carriers(environ, self.master_key, endpoint.key_header)
+        if endpoint.auth and not carriers:
+            raise unauthorized(environ, endpoint, call_id)
+        return carriers
 
-def unauthorized(environ, endpoint: Endpoint, call_id: str) -> Response:
+    def send(self, environ, endpoint: Endpoint, outgoing: Outgoing, record: Record) -> HTTPResponse:
+        """Open the upstream request, the caller's body streamed; return once the head arrived."""
+        if self.debug:
+            shown_path = "/***" if endpoint.target_is_secret else outgoing.path
+            debug_request(record.call_id, outgoing.method, endpoint.origin, shown_path, outgoing.query, outgoing.headers)
+        body = request_body(environ, outgoing.headers)
+        upstream = self.transport.send(
+            outgoing.method, endpoint.origin, outgoing.target, outgoing.headers, body, self.timeouts[endpoint.index]
+        )
+        record.ttfb = time.perf_counter() - record.started
+        if self.debug:
+            debug_response(record.call_id, upstream)
+        return upstream
+
+    def handle_error(self, environ, endpoint: Endpoint, record: Record, exc: Exception) -> Response:
+        """The answer when the call stops before a response is relayed; nothing was sent yet."""
+        if isinstance(exc, Refusal):
+            return refuse(environ, exc.status, exc.message, exc.kind, exc.headers)
+        if isinstance(exc, BadRequestBody):
+            record.error = "bad_request_body"
+            response = error_response(exc.status, str(exc) + ".", "invalid_request_error")
+            # The rest of the connection cannot be trusted to hold a next request.
+            close_after_response(environ, response)
+            return response
+        call_id = [("x-litellm-call-id", record.call_id)]
+        if isinstance(exc, InvalidUpstreamHeaders):
+            record.error = "invalid_response"
+            return refuse(environ, 502, BAD_UPSTREAM_HEAD, "upstream_error", call_id)
+        failure = upstream_failure(exc)
+        record.error = failure.kind
+        log.warning(
+            "upstream failure: endpoint %s -> %s: %s (%s)",
+            endpoint.path,
+            "(secret target)" if endpoint.target_is_secret else endpoint.netloc,
+            describe_cause(causes(exc)),
+            failure.kind,
+        )
+        return settle_body(environ, upstream_error_response(failure, record.call_id))
+
+
+# What ends a call early: the proxy's own refusals, a broken caller body, and every way
+# the upstream can fail before its response begins (requests' exceptions are OSErrors).
+FAILURES = (Refusal, BadRequestBody, InvalidUpstreamHeaders, HTTPError, OSError)
+
+
+def start_record(environ, endpoint: Endpoint) -> Record:
+    """The access record of this call, with what is known before anything is sent."""
+    record = environ[RECORD_KEY]
+    record.route = endpoint.path
+    record.call_id = str(uuid.uuid4())
+    record.cost = endpoint.cost_per_request
+    return record
+
+
+def unauthorized(environ, endpoint: Endpoint, call_id: str) -> Refusal:
     presented = environ.get("HTTP_AUTHORIZATION") or environ.get("HTTP_X_LITELLM_API_KEY") or (
         endpoint.key_header and environ.get(environ_key(endpoint.key_header))
     )
     message = "Authentication Error, invalid proxy key." if presented else "Authentication Error, No api key passed in."
-    return error_response(401, message, "auth_error", [("x-litellm-call-id", call_id)])
+    return Refusal(401, message, "auth_error", [("x-litellm-call-id", call_id)])
 
 
 def relay(upstream: HTTPResponse, call_id: str, method: str) -> Response:
     """Relay the upstream status line, headers and body exactly, streaming the body.
 
-    :raises InvalidUpstreamHeaders: before anything was sent to the caller.
+    :raises InvalidUpstreamHeaders: before anything was sent to the caller; the upstream
+        connection is closed (never reused).
     """
-    check_head_parsed(upstream)
     if method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200:
         # No body follows (RFC 9110 §6.4.1): reading the empty body lets urllib3 return
         # the connection to the pool instead of closing it.
         upstream.read(decode_content=False)
-    headers = response_headers(upstream.headers.items())
+    try:
+        headers = response_headers(upstream.headers.items())
+    except InvalidUpstreamHeaders:
+        finish_upstream(upstream)
+        raise
     headers.append(("x-litellm-call-id", call_id))
     if "text/event-stream" in upstream.headers.get("content-type", ""):
         # nginx honours (and hides) this, so the stream is not buffered on the way out.
@@ -194,20 +270,6 @@ def relay(upstream: HTTPResponse, call_id: str, method: str) -> Response:
 def finish_upstream(upstream: HTTPResponse) -> None:
     upstream.close()
     upstream.release_conn()
-
-
-def check_head_parsed(raw) -> None:
-    """Refuse a head http.client could only partly parse.
-
-    A malformed line ("Content-Length : 2") ends http.client's header parsing early; the
-    rest of the head would be read as body. urllib3 only logs this (HeaderParsingError).
-    """
-    message = getattr(getattr(raw, "_original_response", None), "msg", None)
-    if message is not None:
-        try:
-            assert_header_parsing(message)
-        except HeaderParsingError:
-            raise InvalidUpstreamHeaders("unparsable response head") from None
 
 
 class RelayBody:

@@ -6,6 +6,9 @@ when the caller went away), writes one line to the ``proxy_app.access`` logger a
 the metrics. The forwarding view fills in what only it knows (route, call id, cost,
 time to first upstream byte, upstream error) on the :class:`Record` it finds in the environ.
 
+A caller that goes away before the whole body was written is logged and counted with
+status 499, whatever status had been sent.
+
 The line never holds a header value, a key, a query string or a body.
 """
 
@@ -22,13 +25,18 @@ from proxy_app.urls import split_request_target
 
 access_log = logging.getLogger("proxy_app.access")
 RECORD_KEY = "proxy_app.record"
+# The status logged and counted for a caller that left before the response ended (nginx's
+# and Caddy's "client closed request").
+CALLER_GONE = 499
 _to_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class Record:
     """What is known about one request; the view fills in the pass-through fields."""
 
-    __slots__ = ("started", "route", "call_id", "cost", "ttfb", "error", "status", "streaming", "request_bytes", "response_bytes")
+    __slots__ = (
+        "started", "route", "call_id", "cost", "ttfb", "error", "status", "streaming", "request_bytes", "response_bytes", "body_done",
+    )
 
     def __init__(self, started: float):
         self.started = started
@@ -41,6 +49,8 @@ class Record:
         self.streaming = False
         self.request_bytes = 0
         self.response_bytes = 0
+        # The server took the whole response body; see _CountedBody.close.
+        self.body_done = False
 
     def stream_started(self) -> None:
         self.streaming = True
@@ -97,8 +107,15 @@ class _CountedBody:
         except Exception as exc:
             record.error = record.error or f"aborted: {type(exc).__name__}"
             raise
+        record.body_done = True
 
     def close(self) -> None:
+        record = self._record
+        if not record.body_done and record.error is None:
+            # The server stopped taking the body without an error of the proxy's or the
+            # upstream's: the caller went away (gunicorn's write failed). Logged and counted
+            # as 499, as Caddy and nginx do, so it never looks like a clean end.
+            record.status = CALLER_GONE
         try:
             close = getattr(self._body, "close", None)
             if close is not None:

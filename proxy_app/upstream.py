@@ -1,74 +1,191 @@
 """The upstream transport: one pooled ``requests.Session`` per worker process.
 
-The Session is built so that it adds nothing of its own (SPEC §3, "Transport"):
-``trust_env = False`` (no ``.netrc`` credentials, no ``*_PROXY`` variables), a cookie jar
-whose policy stores nothing, no default headers, no retries (``Retry(0, read=False)``).
+Every upstream request goes through ``Session.send(request, stream=True,
+allow_redirects=False)`` on :class:`ProxySession`, with :class:`ProxyAdapter` mounted for
+both schemes. Both are requests' documented extension points (a Session subclass; an
+``HTTPAdapter`` subclass overriding the methods requests exposes "for use when subclassing
+the HTTPAdapter"); no private requests API is used.
 
-Requests go straight to the urllib3 pool that the Session's ``HTTPAdapter`` keeps for the
-target, taken once per origin with the adapter's own TLS settings
-(``get_connection_with_tls_context``, ``cert_verify``) and called with exactly the
-arguments ``HTTPAdapter.send`` uses. What is skipped is per-request work the proxy must
-not have: ``Session.send`` runs hooks, fills the cookie jar and, even with
-``allow_redirects=False``, reads and decodes the body of every 3xx response to prepare the
-next hop (``Session.resolve_redirects``), which would destroy a relayed redirect body;
-``HTTPAdapter.send`` re-parses the URL, rebuilds the pool key and copies every response
-header into a ``requests.Response`` that the relay never uses.
+What they make sure of:
+
+- The Session adds nothing of its own: ``trust_env = False`` (no ``.netrc`` credentials, no
+  ``*_PROXY`` variables), a cookie jar that keeps nothing (one caller's ``Set-Cookie`` is
+  never sent for another), no default headers, no retries (``Retry(0, read=False)``: a
+  request that may have reached the upstream is never resent).
+- A 3xx is relayed, never followed and its body never read: ``Session.send`` asks
+  ``get_redirect_target`` even with ``allow_redirects=False`` and, given a location, reads
+  the whole body to prepare the next hop. :class:`ProxySession` answers None.
+- The request target reaches urllib3 as the caller sent it: the request is an
+  :class:`UpstreamRequest` built from parts the proxy validated (``prepare()`` would
+  re-encode the URL), and ``request_url`` returns that target.
+- The answer relayed is ``response.raw``, the urllib3 response, read undecoded.
 """
 
 from __future__ import annotations
 
-import http.cookiejar
 import os
 import threading
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.cookies import RequestsCookieJar
 from urllib3 import HTTPConnectionPool
 from urllib3 import HTTPResponse
+from urllib3 import HTTPSConnectionPool
 from urllib3 import Timeout
-from urllib3 import connectionpool
-from urllib3.util import Retry
 from urllib3.util import SKIP_HEADER
 
 from proxy_app import wire
 from proxy_app.body import UPLOAD_BLOCK
+from proxy_app.patches import speedups_enabled
+
+# Every upstream request goes direct, verified against requests' CA bundle, no client cert.
+SEND_SETTINGS = {"stream": True, "allow_redirects": False, "proxies": {}, "verify": True, "cert": None}
 
 
-def _keep_target(target: str) -> str:
-    return target
+class NoCookies(RequestsCookieJar):
+    """A cookie jar that keeps nothing: the proxy relays Set-Cookie, it never replays it."""
+
+    def extract_cookies(self, response, request) -> None:
+        return None
+
+    def set_cookie(self, cookie, *args, **kwargs) -> None:
+        return None
 
 
-# urllib3 re-encodes every request-target in HTTPConnectionPool.urlopen: it upper-cases
-# escapes (%2f -> %2F) and, when one escape in a component is invalid, encodes every "%"
-# of that component again (/a%2Fb/%zz -> /a%252Fb/%25zz, which names a different path).
-# The proxy sends the caller's raw target, already validated by gunicorn's request-line
-# parser, below a config-validated target path: it must reach the upstream byte for byte
-# (SPEC §3). The proxy is the only urllib3 user in its processes.
-connectionpool._encode_target = _keep_target
-wire.install()
+class OutgoingHeaders(dict):
+    """The outgoing header fields, names unique and as written (what urllib3 iterates),
+    with the case-insensitive membership test ``HTTPAdapter.send`` uses to choose between
+    Content-Length and chunked framing."""
+
+    __slots__ = ("_names",)
+
+    def __init__(self, fields: dict[str, str], names: set[str]):
+        super().__init__(fields)
+        self._names = names
+
+    def __contains__(self, name) -> bool:
+        return name.lower() in self._names
 
 
-class _Adapter(HTTPAdapter):
-    """requests' adapter, with upload blocks of UPLOAD_BLOCK instead of http.client's 16 KiB."""
+class UpstreamRequest(requests.PreparedRequest):
+    """A PreparedRequest made of parts the proxy already validated, without ``prepare()``
+    (which would re-encode the URL and rewrite the headers). The attributes are public
+    (requests' PreparedRequest docs); ``origin`` and ``target`` are the proxy's own."""
 
-    def init_poolmanager(self, *args, **kwargs):
-        kwargs["blocksize"] = UPLOAD_BLOCK
-        super().init_poolmanager(*args, **kwargs)
+    def __init__(self, method: str, origin: str, target: str, headers: OutgoingHeaders, body):
+        super().__init__()
+        self.method = method
+        self.url = origin + target
+        self.headers = headers
+        self.body = body
+        self.origin = origin
+        self.target = target
 
 
-def new_session(pool_maxsize: int, origins: int) -> requests.Session:
-    """A Session that adds nothing: no env, no cookies, no default headers, no retries."""
-    session = requests.Session()
-    session.trust_env = False
-    session.headers.clear()
-    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-    session.max_redirects = 0
-    # One pool per origin, all kept: a pool evicted from the manager would be closed under
-    # the transport's cached reference.
-    adapter = _Adapter(pool_connections=max(origins, 10), pool_maxsize=pool_maxsize, max_retries=0, pool_block=False)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = wire.UpstreamHTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = wire.UpstreamHTTPSConnection
+
+
+class _OneWriteHTTPPool(HTTPConnectionPool):
+    ConnectionCls = wire.OneWriteHTTPConnection
+
+
+class _OneWriteHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = wire.OneWriteHTTPSConnection
+
+
+class ProxyAdapter(HTTPAdapter):
+    """requests' adapter with the proxy's connection classes, and per-origin pools kept.
+
+    Speed-only (off with ``PROXY_SPEEDUPS=0``): the one-write connection classes
+    (wire.py) and upload blocks of UPLOAD_BLOCK instead of http.client's 16 KiB.
+    """
+
+    def __init__(self, pool_maxsize: int, origins: int, speedups: bool):
+        self.speedups = speedups
+        self._pools: dict[str, HTTPConnectionPool] = {}
+        self._verified: set[HTTPConnectionPool] = set()
+        # One pool per origin, all kept: the manager never evicts (and closes) a pool
+        # this adapter still holds.
+        super().__init__(pool_connections=max(origins, 10), pool_maxsize=pool_maxsize, max_retries=0, pool_block=False)
+
+    def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs):
+        if self.speedups:
+            pool_kwargs["blocksize"] = UPLOAD_BLOCK
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        # urllib3's documented per-scheme pool classes.
+        if self.speedups:
+            self.poolmanager.pool_classes_by_scheme = {"http": _OneWriteHTTPPool, "https": _OneWriteHTTPSPool}
+        else:
+            self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        # The proxy sends every request with the same settings (SEND_SETTINGS), so an
+        # origin's pool, with its TLS settings, is looked up once: requests would parse the
+        # URL twice and build a pool key on every request.
+        origin = getattr(request, "origin", None)
+        pool = self._pools.get(origin) if origin else None
+        if pool is None:
+            pool = super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+            if origin:
+                self._pools[origin] = pool
+        return pool
+
+    def cert_verify(self, conn, url, verify, cert):
+        # requests looks the CA bundle up on disk (three stat calls) on every HTTPS request
+        # before it sets the pool's TLS settings; with the proxy's fixed settings, once per
+        # pool gives the same settings.
+        if conn in self._verified:
+            return
+        super().cert_verify(conn, url, verify, cert)
+        if any(conn is pool for pool in self._pools.values()):  # kept for good, never reused
+            self._verified.add(conn)
+
+    def build_response(self, req, resp):
+        # requests' version copies every header into a CaseInsensitiveDict, guesses a text
+        # encoding and parses Set-Cookie into a jar for this Response: about 10 us per
+        # request for things the relay never reads (it relays resp, response.raw, itself).
+        # urllib3's header dict is case-insensitive too.
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = resp.headers
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
+
+    def request_url(self, request, proxies):
+        target = getattr(request, "target", None)
+        return target if target is not None else super().request_url(request, proxies)
+
+
+class ProxySession(requests.Session):
+    """A Session that adds nothing and never follows, nor reads, a redirect."""
+
+    def __init__(self, adapter: HTTPAdapter):
+        super().__init__()
+        self.trust_env = False
+        self.headers.clear()
+        self.cookies = NoCookies()
+        self.max_redirects = 0
+        self.mount("http://", adapter)
+        self.mount("https://", adapter)
+
+    def get_redirect_target(self, resp):
+        return None
+
+
+def new_session(pool_maxsize: int, origins: int, speedups: bool | None = None) -> ProxySession:
+    if speedups is None:
+        speedups = speedups_enabled()
+    return ProxySession(ProxyAdapter(pool_maxsize, origins, speedups))
 
 
 class Transport:
@@ -83,13 +200,11 @@ class Transport:
         self.pool_maxsize = pool_maxsize
         self.origins = origins
         self._session: requests.Session | None = None
-        self._pools: dict[str, tuple[HTTPConnectionPool, Retry]] = {}
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._session = None
-        self._pools = {}
         self._lock = threading.Lock()
 
     @property
@@ -100,51 +215,21 @@ class Transport:
                     self._session = new_session(self.pool_maxsize, self.origins)
         return self._session
 
-    def pool(self, origin: str) -> tuple[HTTPConnectionPool, Retry]:
-        """The adapter's pool for ``scheme://host:port`` (TLS verification set) and its retries."""
-        entry = self._pools.get(origin)
-        if entry is None:
-            adapter = self.session.get_adapter(origin)
-            probe = requests.PreparedRequest()
-            probe.prepare(method="GET", url=origin + "/")
-            pool = adapter.get_connection_with_tls_context(probe, verify=True, proxies={}, cert=None)
-            adapter.cert_verify(pool, probe.url, True, None)
-            # Before the pool opens its first connection (see wire.py).
-            pool.ConnectionCls = wire.OneWriteHTTPSConnection if pool.scheme == "https" else wire.OneWriteHTTPConnection
-            # Retry(0, read=False): a request that may have reached the upstream is never resent.
-            entry = self._pools[origin] = (pool, adapter.max_retries)
-        return entry
-
     def send(self, method: str, origin: str, target: str, headers: list[tuple[str, str]], body, timeout: Timeout) -> HTTPResponse:
-        """Send one request and return as soon as the response head has arrived.
+        """Send one request and return the upstream's response as soon as its head has arrived.
 
-        :raises urllib3.exceptions.HTTPError: the upstream failed before the response began
-            (see errors.upstream_error_response).
+        :raises requests.RequestException: the upstream failed before the response began
+            (see errors.upstream_failure).
         :raises proxy_app.body.BadRequestBody: the caller's body broke its framing.
         """
-        # The names are unique (headers.outbound_headers builds them so): a plain dict is
-        # what urllib3 iterates anyway, without HTTPHeaderDict's per-header bookkeeping.
-        outgoing = dict(headers)
-        names = {name.lower() for name in outgoing}
+        fields = dict(headers)
+        names = {name.lower() for name in fields}
         # urllib3 would add "User-Agent: python-urllib3/x" and http.client
         # "Accept-Encoding: identity" when absent; the upstream sees only what the caller
-        # and the config sent (SPEC §3).
+        # and the config sent.
         if "user-agent" not in names:
-            outgoing["User-Agent"] = SKIP_HEADER
+            fields["User-Agent"] = SKIP_HEADER
         if "accept-encoding" not in names:
-            outgoing["Accept-Encoding"] = SKIP_HEADER
-        pool, retries = self.pool(origin)
-        return pool.urlopen(
-            method,
-            target,
-            body=body,
-            headers=outgoing,
-            redirect=False,
-            assert_same_host=False,
-            preload_content=False,
-            decode_content=False,
-            retries=retries,
-            timeout=timeout,
-            # As HTTPAdapter.send: a body without a Content-Length goes chunked.
-            chunked=body is not None and "content-length" not in names,
-        )
+            fields["Accept-Encoding"] = SKIP_HEADER
+        request = UpstreamRequest(method, origin, target, OutgoingHeaders(fields, names), body)
+        return self.session.send(request, timeout=timeout, **SEND_SETTINGS).raw

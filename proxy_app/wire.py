@@ -12,6 +12,14 @@ nothing on the wire:
   :func:`parse_headers` builds the same ``HTTPMessage`` directly when every line is a
   plain ``name: value`` line, and hands anything else to the feed parser exactly as
   http.client does, so unusual heads get the standard parse, defects included.
+
+Both are speed-only. The connection classes are chosen by the upstream adapter
+(``upstream.ProxyAdapter``); the head parser is installed by ``patches.apply`` when the
+worker starts, never on import.
+
+One more piece is about correctness: :class:`CheckedHTTPResponse` refuses a response head
+that http.client could only partly parse (urllib3 only logs that, and the rest of the
+head would be relayed as body).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import re
 
 from urllib3.connection import HTTPConnection
 from urllib3.connection import HTTPSConnection
+from urllib3.exceptions import HeaderParsingError
+from urllib3.util.response import assert_header_parsing
 
 # A body up to this size is sent in the head's write (larger ones stream in blocks).
 ONE_WRITE_MAX = 64 * 1024
@@ -97,14 +107,40 @@ class _OneWrite:
         super().send(data)
 
 
-class OneWriteHTTPConnection(_OneWrite, HTTPConnection):
+class UnparsableHead(http.client.HTTPException):
+    """The upstream's response head could only partly be parsed: it is never relayed."""
+
+
+class CheckedHTTPResponse(http.client.HTTPResponse):
+    """http.client's response, refusing a head it could only partly parse.
+
+    A malformed line ("Content-Length : 2") ends http.client's header parsing early, and
+    the rest of the head would be read as body. urllib3 logs that and goes on; here it
+    fails the exchange before anything is relayed (the caller gets a 502), and urllib3
+    closes the connection, so it is never reused.
+    """
+
+    def begin(self):
+        super().begin()
+        try:
+            assert_header_parsing(self.msg)
+        except HeaderParsingError as exc:
+            raise UnparsableHead(f"unparsable response head: {exc}") from None
+
+
+# The connection classes the adapter's pools use (http.client's documented
+# ``response_class`` hook), without and with the one-write request.
+class UpstreamHTTPConnection(HTTPConnection):
+    response_class = CheckedHTTPResponse
+
+
+class UpstreamHTTPSConnection(HTTPSConnection):
+    response_class = CheckedHTTPResponse
+
+
+class OneWriteHTTPConnection(_OneWrite, UpstreamHTTPConnection):
     pass
 
 
-class OneWriteHTTPSConnection(_OneWrite, HTTPSConnection):
+class OneWriteHTTPSConnection(_OneWrite, UpstreamHTTPSConnection):
     pass
-
-
-def install() -> None:
-    """Replace http.client's head parser (the same result; used by every http.client response)."""
-    http.client.parse_headers = parse_headers

@@ -1,9 +1,10 @@
 """The gunicorn worker: gthread, hardened for callers that are slow, idle or malformed.
 
-Two departures from gunicorn's ThreadWorker for SPEC §8 ("slow or vanished callers never
-stop other callers from being served"; malformed requests get a 4xx), and three for speed
-and memory (keep-alive linger, the head written with the first body bytes, smaller body
-receives; see ProxyThreadWorker.handle, OneWriteResponse and init_process):
+Two departures from gunicorn's ThreadWorker so that slow or vanished callers never stop
+other callers from being served and malformed requests get a 4xx, and three for speed and
+memory (keep-alive linger, the head written with the first body bytes, smaller body
+receives; see ProxyThreadWorker.handle, OneWriteResponse and patches.py; all three are off
+with ``PROXY_SPEEDUPS=0``):
 
 - A new connection waits in the worker's poller until its first byte arrives, instead of
   holding a pool thread for up to 5 s (gunicorn 27 submits it to the pool at once and
@@ -13,7 +14,7 @@ receives; see ProxyThreadWorker.handle, OneWriteResponse and init_process):
   keep-alive connections), so idle sockets cannot lock new callers out.
 - An unsupported Transfer-Encoding is answered 400, not 501: RFC 9112 §6.1 allows 501,
   but to a proxy holding credentials ``xchunked`` or ``chunked;q=1`` is an obfuscation
-  attempt, and SPEC §8 answers malformed requests with a 4xx (gunicorn closes after
+  attempt, and the proxy answers malformed requests with a 4xx (gunicorn closes after
   either).
 
 A caller that trickles its request head byte by byte still holds a thread while it does:
@@ -35,11 +36,10 @@ from gunicorn import util
 from gunicorn.http import wsgi
 from gunicorn.http.errors import InvalidHeader
 from gunicorn.http.errors import UnsupportedTransferCoding
-from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import TConn
 from gunicorn.workers.gthread import ThreadWorker
 
-from proxy_app.body import MAX_BODY_RECV
+from proxy_app import patches
 
 FIRST_BYTE_TIMEOUT = 10.0
 # Only connections idle at least this long are closed to make room.
@@ -170,14 +170,18 @@ class ProxyThreadWorker(ThreadWorker):
                 conn.close()
 
     def init_process(self):
-        # What gunicorn.http.wsgi.create builds when not told otherwise (HTTP/1 only;
-        # HTTP/2 passes its own class). Set in the worker process only.
-        wsgi.Response = OneWriteResponse
-        # gunicorn receives a request body up to 1 MiB per recv() and then copies what the
-        # app has not read yet on every read: a 50 MiB upload grew the worker's peak RSS
-        # by about 4 MiB. At 256 KiB it grew by about 1.2 MiB and was as fast
-        # (bench/stream_probe.py).
-        SocketUnreader.max_body_chunk = MAX_BODY_RECV
+        # Library patches are applied here, in the worker process, never on import
+        # (patches.py); a library that lost what a patch replaces stops the worker here,
+        # with a message naming it.
+        patches.apply()
+        state = patches.applied()
+        self.log.info(
+            "library patches in place: %s; not applied: %s",
+            ", ".join(name for name, on in state.items() if on) or "none",
+            ", ".join(name for name, on in state.items() if not on) or "none",
+        )
+        # The keep-alive linger (handle) is speed-only too.
+        self._linger = patches.speedups_enabled()
         # Threads serving a connection now; see handle.
         self._busy = 0
         self._busy_lock = threading.Lock()
@@ -215,7 +219,7 @@ class ProxyThreadWorker(ThreadWorker):
             return False
         if conn.parser.unreader.buf.seek(0, io.SEEK_END):
             return True  # read ahead with the previous request's body
-        if self._busy * 4 > self.cfg.threads:
+        if not self._linger or self._busy * 4 > self.cfg.threads:
             return False
         poller = select.poll()
         poller.register(conn.sock, select.POLLIN)

@@ -7,11 +7,22 @@ import os
 import pytest
 
 from proxy_app import create_app
+from proxy_app import patches
 from tests.upstream import Upstream
 
 PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy")
 MASTER_KEY = "sk-test-master-0123456789"
 SECRET = "secret-upstream-key-42"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _library_patches():
+    # What the gunicorn worker applies when it starts (proxy_app/worker.py), for the tests
+    # that run the app in-process; the server-side ones concern gunicorn only. Honours
+    # PROXY_SPEEDUPS like the worker does.
+    patches.apply([patches.UPSTREAM])
+    yield
+    patches.revert()
 
 
 @pytest.fixture(autouse=True)

@@ -80,4 +80,5 @@ def test_untrusted_certificate_is_a_tls_error_and_nothing_is_sent(make_client, c
         response = client.post("/p", data=b'{"a":1}', headers={"Content-Type": "application/json"})
         assert response.status_code == 502
         assert response.json["error"]["type"] == "upstream_error"
+        assert response.json["error"]["message"] == "The upstream's TLS certificate is not trusted."
         assert up.requests == []  # the secret never left: verification failed before any request byte

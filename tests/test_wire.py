@@ -172,11 +172,7 @@ def test_more_lines_than_maxheaders_is_refused():
         wire.parse_headers(io.BytesIO(head))
 
 
-# -- install() -----------------------------------------------------------------------
-
-def test_upstream_import_installs_the_parser():
-    assert http.client.parse_headers is wire.parse_headers
-
+# -- installed by patches.apply (the "plain_head_parser" patch) ------------------------
 
 def test_installed_parser_serves_http_client_responses():
     # http.client looks parse_headers up as a module global when a response begins.
