@@ -1,49 +1,43 @@
-"""proxy_app: a synchronous pass-through proxy for LiteLLM-style ``pass_through_endpoints``."""
+"""proxy_app: a synchronous pass-through proxy for LiteLLM-style ``pass_through_endpoints``.
+
+``create_app`` is resolved on first use (PEP 562 module ``__getattr__``) from
+:mod:`proxy_app.factory`: importing this package, :mod:`proxy_app.cli` or
+:mod:`proxy_app.config` must not import prometheus_client, which fixes its value storage
+at import time, before the gunicorn settings have set PROMETHEUS_MULTIPROC_DIR.
+"""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from flask import Flask
+# The version when no package metadata is found (running from a checkout that was never
+# installed); pyproject.toml's version is the source of truth and a test keeps them equal.
+__version__ = "0.1.0"
 
-from proxy_app import errors
-from proxy_app import health
-from proxy_app import metrics
-from proxy_app import routes
-from proxy_app.app import ProxyFlask
-from proxy_app.config import Settings
-from proxy_app.config import load_config
-from proxy_app.config import log_summary
-from proxy_app.forward import Forwarder
-from proxy_app.logs import truthy
-from proxy_app.observe import AccessLog
-from proxy_app.upstream import Transport
+__all__ = ["__version__", "create_app", "package_version"]
 
-DEFAULT_THREADS = 32
+if TYPE_CHECKING:
+    from proxy_app.factory import create_app
 
 
-def create_app(config: str | os.PathLike | Mapping | Settings | None = None, environ: Mapping[str, str] = os.environ) -> Flask:
-    """Build the proxy for a config file path, an already-parsed mapping, or Settings.
+def package_version() -> str:
+    """The installed distribution's version, else :data:`__version__`."""
+    from importlib import metadata
 
-    :raises proxy_app.config.ConfigError: the config cannot be served.
-    """
-    if isinstance(config, Settings):
-        settings = config  # validated (and summarised) by whoever loaded it
-    else:
-        settings = load_config(config, environ)
-        log_summary(settings)
-    app = ProxyFlask(__name__, static_folder=None)
-    app.extensions["proxy_app"] = settings
-    # One pooled connection per gunicorn thread (PROXY_THREADS, as in deploy/gunicorn.conf.py).
-    transport = Transport(
-        pool_maxsize=int(environ.get("PROXY_THREADS", DEFAULT_THREADS)),
-        origins=len({e.origin for e in settings.endpoints}),
-    )
-    detailed_debug = truthy(environ.get("DETAILED_DEBUG"))
-    errors.init_app(app)
-    health.init_app(app, settings)
-    metrics.init_app(app)
-    routes.init_app(app, settings.endpoints, Forwarder(settings, transport, detailed_debug))
-    app.wsgi_app = AccessLog(app.wsgi_app)
-    return app
+    try:
+        return metadata.version("proxy-app")
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
+def __getattr__(name: str):
+    if name == "create_app":
+        from proxy_app.factory import create_app
+
+        globals()["create_app"] = create_app  # later lookups skip this function
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

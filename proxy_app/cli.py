@@ -1,63 +1,113 @@
-"""Command line: ``python -m proxy_app`` / ``proxy-app``.
+"""Command line: ``proxy-app`` / ``python -m proxy_app``.
 
-    proxy-app --config config.yaml [--host 0.0.0.0] [--port 4000] [--num_workers N] [--detailed_debug]
-    proxy-app check --config config.yaml
+    proxy-app [serve] [--config FILE] [--host HOST] [--port PORT] [--num_workers N] [--detailed_debug]
+    proxy-app check [--config FILE] [--allow-missing-env]
+    proxy-app --version
 
-Serving runs gunicorn in this very process with the settings of deploy/gunicorn.conf.py, so
-the process left running is the gunicorn master: ``kill -HUP <pid>`` reloads the config.
-LiteLLM users know the flags from ``litellm --config config.yaml --detailed_debug``.
-Environment fallbacks: ``CONFIG_FILE_PATH``, ``PORT``, ``DETAILED_DEBUG``.
+Serving runs gunicorn in this very process with the package's settings
+(``python:proxy_app.gunicorn_conf``) and app (``proxy_app.wsgi:app``), so it works the same
+from a checkout or an installed package, from any working directory, and the process left
+running is the gunicorn master: ``kill -HUP <pid>`` reloads the config. LiteLLM users know
+the flags from ``litellm --config config.yaml --detailed_debug``. Environment fallbacks:
+``CONFIG_FILE_PATH``, ``PROXY_BIND`` and ``PORT`` (see :mod:`proxy_app.bind`),
+``WEB_CONCURRENCY``, ``DETAILED_DEBUG``.
+
+This module must not import prometheus_client (nor :mod:`proxy_app.factory`): gunicorn's
+settings set PROMETHEUS_MULTIPROC_DIR after this module was imported, and the library fixes
+its storage on import.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-from pathlib import Path
 
+from proxy_app import package_version
+from proxy_app.bind import BindError
+from proxy_app.bind import bind_address
 from proxy_app.config import ConfigError
 from proxy_app.config import Settings
 from proxy_app.config import config_path
 from proxy_app.config import load_config
 from proxy_app.config import print_problems
+from proxy_app.config import summary
 
-ROOT = Path(__file__).resolve().parent.parent
-GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
+GUNICORN_SETTINGS = "python:proxy_app.gunicorn_conf"
+WSGI_APP = "proxy_app.wsgi:app"
+COMMANDS = """\
+commands:
+  serve    run the proxy under gunicorn (the default when no command is given)
+  check    validate a config and print its routes; exit 1 if it cannot be served
+           (proxy-app check --help)
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check"]:
-        return check(_check_parser().parse_args(argv[1:]))
-    return serve(_serve_parser().parse_args(argv[1:] if argv[:1] == ["serve"] else argv))
+        return check(check_parser().parse_args(argv[1:]))
+    parser = serve_parser()
+    args = parser.parse_args(argv[1:] if argv[:1] == ["serve"] else argv)
+    try:
+        bind = bind_address(args.host, args.port, os.environ)
+    except BindError as exc:
+        parser.error(str(exc))
+    if args.num_workers is not None and args.num_workers < 1:
+        parser.error("--num_workers must be at least 1")
+    return serve(args, bind)
 
 
-def _serve_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="proxy-app", description="Serve the pass-through proxy under gunicorn.")
-    parser.add_argument("--config", "-c", help="config file (default: $CONFIG_FILE_PATH, else ./config.yaml)")
-    parser.add_argument("--host", default=None, help="listen address (default 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=None, help="listen port (default: $PORT, else 4000)")
-    parser.add_argument("--num_workers", type=int, default=None, help="gunicorn worker processes (default: $WEB_CONCURRENCY, else 2)")
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxy-app",
+        usage="%(prog)s [serve] [options]\n       %(prog)s check [--config FILE] [--allow-missing-env]",
+        description="A synchronous pass-through proxy for LiteLLM-style pass_through_endpoints.",
+        epilog=COMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("--config", "-c", metavar="FILE", help="config file (default: $CONFIG_FILE_PATH, else ./config.yaml)")
+    parser.add_argument("--host", default=None, help="listen address; replaces only the host of $PROXY_BIND (default 0.0.0.0:4000)")
+    parser.add_argument("--port", default=None, help="listen port; replaces only the port of $PROXY_BIND (default: $PORT)")
+    parser.add_argument(
+        "--num_workers", type=int, default=None, metavar="N", help="gunicorn worker processes (default: $WEB_CONCURRENCY, else 2)"
+    )
     parser.add_argument("--detailed_debug", action="store_true", help="log each upstream call, credentials masked")
     return parser
 
 
-def _check_parser() -> argparse.ArgumentParser:
+def check_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxy-app check", description="Validate a config and print its routes.")
-    parser.add_argument("--config", "-c", help="config file (default: $CONFIG_FILE_PATH, else ./config.yaml)")
+    parser.add_argument("--config", "-c", metavar="FILE", help="config file (default: $CONFIG_FILE_PATH, else ./config.yaml)")
+    parser.add_argument(
+        "--allow-missing-env",
+        action="store_true",
+        help="report os.environ/ variables that are not set as warnings, not errors (to check a file where its secrets are not)",
+    )
     return parser
 
 
 def check(args: argparse.Namespace) -> int:
-    """Print the route table and exit 0, or every config error and exit 1."""
+    """Print the route table and the start-up summary and exit 0, or every config error and exit 1."""
     try:
-        settings = load_config(config_path(args.config))
+        settings = load_config(config_path(args.config), allow_missing_env=args.allow_missing_env)
     except ConfigError as exc:
         print_problems(exc)
         return 1
     print(route_table(settings))
+    for line in report(settings):
+        print(line)
     return 0
+
+
+def report(settings: Settings) -> list[str]:
+    """What the proxy would log at start-up (:func:`proxy_app.config.summary`), then what
+    ``--allow-missing-env`` let through."""
+    lines = [f"warning: {line}" if level >= logging.WARNING else line for level, line in summary(settings)]
+    lines += [f"warning: {line} (allowed by --allow-missing-env)" for line in settings.unresolved]
+    return lines
 
 
 def route_table(settings: Settings) -> str:
@@ -68,30 +118,32 @@ def route_table(settings: Settings) -> str:
             (
                 e.path,
                 ",".join(sorted(e.methods)),
-                e.netloc,
+                e.netloc or e.target,  # an unresolved os.environ/NAME target shows the reference
                 "master key" if e.auth else "open",
                 "yes" if e.include_subpath else "no",
                 ", ".join(name for name, _ in e.headers) or "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     header = f"{settings.source}: {len(settings.endpoints)} endpoint(s), master key {'set' if settings.master_key else 'not set'}"
     return "\n".join([header, *lines])
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Become the gunicorn master for deploy/gunicorn.conf.py with the CLI's settings."""
+def serve(args: argparse.Namespace, bind: str) -> int:
+    """Become the gunicorn master for the package's settings, with the CLI's choices.
+
+    The choices travel as environment variables, read by proxy_app/gunicorn_conf.py, so the
+    workers and a HUP reload see the same values.
+    """
     os.environ["CONFIG_FILE_PATH"] = os.path.abspath(config_path(args.config))
+    os.environ["PROXY_BIND"] = bind
     if args.detailed_debug:
         os.environ["DETAILED_DEBUG"] = "1"
-    port = args.port or os.environ.get("PORT")
-    if args.host or port or not os.environ.get("PROXY_BIND"):
-        os.environ["PROXY_BIND"] = f"{args.host or '0.0.0.0'}:{port or 4000}"
     if args.num_workers:
         os.environ["WEB_CONCURRENCY"] = str(args.num_workers)
     from gunicorn.app.wsgiapp import WSGIApplication
 
-    sys.argv = ["proxy-app", "-c", str(GUNICORN_CONF), "--chdir", str(ROOT)]
+    sys.argv = ["proxy-app", "-c", GUNICORN_SETTINGS, WSGI_APP]
     WSGIApplication("%(prog)s [OPTIONS]", prog="proxy-app").run()
     return 0

@@ -5,9 +5,12 @@ references are resolved, header values are coerced to strings, the Langfuse key 
 folded into one ``Authorization`` header, and the target URL is split into the parts the
 request path needs. The request path never looks at the raw YAML again.
 
+The files are read by :mod:`proxy_app.config_files` (YAML, LiteLLM's ``include:``) and the
+``environment_variables:`` section is evaluated by :mod:`proxy_app.config_env`.
+
 Every problem found is collected (not just the first) into one :class:`ConfigError`, each
-line naming the file, the endpoint (index and path) and the field, and never a value that
-came from the environment.
+line naming the file (the included file a field came from, if any), the endpoint (index in
+that file, and path) and the field, and never a value that came from the environment.
 """
 
 from __future__ import annotations
@@ -20,16 +23,28 @@ import os
 import re
 import sys
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
 from urllib.parse import urlsplit
 
-import yaml
-
+from proxy_app.config_env import ENV_NAME_RE
+from proxy_app.config_env import ENV_PREFIX
+from proxy_app.config_env import SECTION as ENV_SECTION
+from proxy_app.config_env import config_environment
+from proxy_app.config_env import scalar_text
+from proxy_app.config_files import ConfigError
+from proxy_app.config_files import Tree
+from proxy_app.config_files import dotted
+from proxy_app.config_files import read_tree
+from proxy_app.config_files import read_yaml
+from proxy_app.config_files import tree_of_mapping
 from proxy_app.headers import CREDENTIAL_HEADERS
 from proxy_app.headers import HOP_BY_HOP
 from proxy_app.headers import is_token
 from proxy_app.urls import has_dot_segment
+
+__all__ = ["ConfigError", "Endpoint", "Settings", "config_path", "load_config", "log_summary", "print_problems", "read_yaml", "summary"]
 
 log = logging.getLogger("proxy_app")
 
@@ -39,7 +54,6 @@ DEFAULT_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "O
 REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
 DEFAULT_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 10.0
-ENV_PREFIX = "os.environ/"
 RESERVED_PREFIXES = ("/health", "/metrics")
 
 ENDPOINT_FIELDS = (
@@ -73,15 +87,13 @@ KEY_HEADER_FIELD = "litellm_user_api_key"
 # characters that never need percent-encoding (RFC 3986 pchar without "%"), and no "<"
 # or ">" (Werkzeug's rule syntax).
 PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
-ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class ConfigError(Exception):
-    """The configuration cannot be served; ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
+ENDPOINTS_AT = ("general_settings", "pass_through_endpoints")
+# Top-level sections proxy_app reads; "include" is consumed while the files are read.
+TOP_LEVEL = ("general_settings", ENV_SECTION)
+NO_ENDPOINTS = (
+    "no endpoints: general_settings.pass_through_endpoints is empty or missing, "
+    "so the proxy answers only /health and /metrics"
+)
 
 
 @dataclass(frozen=True)
@@ -122,29 +134,13 @@ class Settings:
     connect_timeout: float = CONNECT_TIMEOUT
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    # check --allow-missing-env only: os.environ/ references left unresolved. Settings
+    # with any are for reporting, never for serving.
+    unresolved: tuple[str, ...] = ()
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # "<<: *base" merges; its keys may be overridden on purpose
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:
-                raise yaml.constructor.ConstructorError(
-                    None, None, "mapping keys must be plain scalars", key_node.start_mark
-                ) from None
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep=deep)
+class _Unresolved(str):
+    """An os.environ/ reference kept as written (check --allow-missing-env)."""
 
 
 def config_path(explicit: str | None = None, environ: Mapping[str, str] = os.environ) -> str:
@@ -152,92 +148,128 @@ def config_path(explicit: str | None = None, environ: Mapping[str, str] = os.env
     return explicit or environ.get("CONFIG_FILE_PATH") or "config.yaml"
 
 
-def read_yaml(path: str) -> object:
-    """Parse a YAML file, turning I/O and syntax problems into a ConfigError naming the file."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise ConfigError([f"{where}: invalid YAML: {exc.problem or exc.context}"]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
-
-
 def load_config(
     source: str | os.PathLike | Mapping | None = None,
     environ: Mapping[str, str] = os.environ,
+    *,
+    allow_missing_env: bool = False,
 ) -> Settings:
     """Return validated :class:`Settings` from a file path or an already-parsed mapping.
+
+    A file's ``include:`` files are read and merged in (:mod:`proxy_app.config_files`), and
+    its ``environment_variables:`` apply to its ``os.environ/`` references
+    (:mod:`proxy_app.config_env`). With ``allow_missing_env`` an unset variable is listed in
+    ``Settings.unresolved`` instead of being an error: for validating a file on a machine
+    that lacks the secrets (``check --allow-missing-env``); such Settings must not be served.
 
     :raises ConfigError: listing every problem found.
     """
     if source is None or isinstance(source, (str, os.PathLike)):
-        name = os.fspath(config_path(source, environ))
-        raw = read_yaml(name)
+        tree = read_tree(os.fspath(config_path(source, environ)))
     else:
-        name, raw = "<config>", source
-    return _Validator(name, environ).settings(raw)
+        tree = tree_of_mapping(source)
+    return _Validator(tree, environ, allow_missing_env).settings(tree.raw)
 
 
 class _Validator:
-    """Collects problems while turning the raw YAML tree into Settings."""
+    """Collects problems while turning the raw YAML tree into Settings.
 
-    def __init__(self, source: str, environ: Mapping[str, str]):
-        self.source = source
+    Each problem names the file it is in: the main file, or the included file the field came
+    from (``self.file`` while one part is being checked).
+    """
+
+    def __init__(self, tree: Tree, environ: Mapping[str, str], allow_missing_env: bool = False):
+        self.tree = tree
+        self.source = tree.source
+        self.file = tree.source
         self.environ = environ
+        self.allow_missing_env = allow_missing_env
+        self.unset_aliases: dict[str, str] = {}
         self.problems: list[str] = []
+        self.unresolved: list[str] = []
+        self.labels: dict[int, tuple[str, str]] = {}  # endpoint index -> (file, "pass_through_endpoints[i]")
 
     def problem(self, where: str, message: str) -> None:
-        self.problems.append(f"{self.source}: {where}: {message}")
+        self.problems.append(f"{self.file}: {where}: {message}")
+
+    @contextmanager
+    def reading(self, place: tuple):
+        """Name the file ``place`` came from in the problems found meanwhile."""
+        outer, self.file = self.file, self.tree.file_of(place)
+        try:
+            yield
+        finally:
+            self.file = outer
 
     def settings(self, raw: object) -> Settings:
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
             raise ConfigError([f"{self.source}: the top level must be a mapping"])
-        ignored = [f"top-level section {k!r}" for k in raw if k != "general_settings"]
+        self.environment(raw.get(ENV_SECTION))
+        ignored = [f"top-level section {k!r}" for k in raw if k not in TOP_LEVEL]
         general = raw.get("general_settings") or {}
         if not isinstance(general, Mapping):
-            self.problem("general_settings", "must be a mapping")
+            with self.reading(("general_settings",)):
+                self.problem("general_settings", "must be a mapping")
             general = {}
         ignored += [f"general_settings.{k}" for k in general if k not in GENERAL_FIELDS]
-        master_key = self.master_key(general)
+        with self.reading(("general_settings", "master_key")):
+            master_key = self.master_key(general)
         default_timeout = DEFAULT_TIMEOUT
         if general.get("pass_through_request_timeout") is not None:
-            default_timeout = self.positive_number(
-                general["pass_through_request_timeout"],
-                "general_settings.pass_through_request_timeout",
-            )
+            with self.reading(("general_settings", "pass_through_request_timeout")):
+                default_timeout = self.positive_number(
+                    general["pass_through_request_timeout"],
+                    "general_settings.pass_through_request_timeout",
+                )
         entries = general.get("pass_through_endpoints") or []
         if not isinstance(entries, list):
-            self.problem("general_settings.pass_through_endpoints", "must be a list")
+            with self.reading(ENDPOINTS_AT):
+                self.problem("general_settings.pass_through_endpoints", "must be a list")
             entries = []
         endpoints = []
         for index, entry in enumerate(entries):
-            endpoint = self.endpoint(index, entry, default_timeout, master_key)
+            file, local = self.tree.item_of((*ENDPOINTS_AT, index))
+            self.labels[index] = (file, f"pass_through_endpoints[{local}]")
+            with self.reading((*ENDPOINTS_AT, index)):
+                endpoint = self.endpoint(index, entry, default_timeout, master_key)
             if endpoint is not None:
                 endpoints.append(endpoint)
         self.check_overlaps(endpoints)
         if self.problems:
             raise ConfigError(self.problems)
         warnings = [
-            f"endpoint {e.path} (pass_through_endpoints[{e.index}]) is open (auth: false) and "
+            f"endpoint {e.path} ({self.label(e.index)}) is open (auth: false) and "
             f"injects credential header(s) {', '.join(sorted(e.configured_names & CREDENTIAL_HEADERS))}: "
             "anyone who can reach the proxy can use them"
             for e in endpoints
             if not e.auth and e.configured_names & CREDENTIAL_HEADERS
         ]
+        if not endpoints:
+            warnings.append(NO_ENDPOINTS)
         return Settings(
             source=self.source,
             master_key=master_key,
             endpoints=tuple(endpoints),
             ignored=tuple(ignored),
             warnings=tuple(warnings),
+            unresolved=tuple(self.unresolved),
         )
+
+    def label(self, index: int, seen_from: str | None = None) -> str:
+        """``pass_through_endpoints[i]``, prefixed by its file unless that is ``seen_from``."""
+        file, label = self.labels[index]
+        return label if file == (seen_from or self.source) else f"{file}: {label}"
+
+    def environment(self, raw: object) -> None:
+        """Lay ``environment_variables`` over the environment the references resolve in."""
+        values, self.unset_aliases, problems = config_environment(raw, self.environ)
+        for place, message in problems:
+            with self.reading(place):
+                self.problem(dotted(place), message)
+        if values:
+            self.environ = {**self.environ, **values}
 
     # -- scalars ---------------------------------------------------------------------
 
@@ -251,7 +283,13 @@ class _Validator:
             self.problem(where, f"{ENV_PREFIX} must be followed by a variable name and nothing else")
             return None
         if name not in self.environ:
-            self.problem(where, f"environment variable {name} is not set")
+            message = f"environment variable {name} is not set"
+            if name in self.unset_aliases:
+                message += f" ({ENV_SECTION}.{name} copies {self.unset_aliases[name]}, which is not set)"
+            if self.allow_missing_env:
+                self.unresolved.append(f"{self.file}: {where}: {message}")
+                return _Unresolved(value)
+            self.problem(where, message)
             return None
         if self.environ[name] == "":
             self.problem(where, f"environment variable {name} is set but empty")
@@ -289,7 +327,7 @@ class _Validator:
     # -- one endpoint ----------------------------------------------------------------
 
     def endpoint(self, index: int, entry: object, default_timeout: float, master_key) -> Endpoint | None:
-        where = f"pass_through_endpoints[{index}]"
+        where = self.labels[index][1]
         if not isinstance(entry, Mapping):
             self.problem(where, "must be a mapping with at least path and target")
             return None
@@ -373,6 +411,8 @@ class _Validator:
         resolved = self.resolve(target, f"{where}.target")
         if resolved is None:
             return ""
+        if isinstance(resolved, _Unresolved):
+            return resolved  # nothing to check until the variable is set
         try:
             parts = urlsplit(resolved)
         except ValueError:
@@ -414,6 +454,8 @@ class _Validator:
             if lower in (LANGFUSE_PUBLIC, LANGFUSE_SECRET):
                 langfuse[lower] = text
             elif lower == KEY_HEADER_FIELD:
+                if isinstance(text, _Unresolved):
+                    continue
                 if not is_token(text):
                     self.problem(field_where, "must name a header")
                 else:
@@ -435,14 +477,11 @@ class _Validator:
         return tuple(result.values()), key_header
 
     def header_value(self, value: object, where: str) -> str | None:
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            value = str(value)
-        if not isinstance(value, str):
+        text = scalar_text(value)
+        if text is None:
             self.problem(where, f"value must be a string or a number, got {type(value).__name__}")
             return None
-        resolved = self.resolve(value, where)
+        resolved = self.resolve(text, where)
         if resolved is not None and any(c in resolved for c in "\r\n\x00"):
             self.problem(where, "value contains CR, LF or NUL")
             return None
@@ -485,10 +524,10 @@ class _Validator:
             for second in endpoints[i + 1 :]:
                 shared = first.methods & second.methods
                 if first.path == second.path and shared:
-                    self.problem(
-                        f"pass_through_endpoints[{second.index}] ({second.path}).methods",
-                        f"{', '.join(sorted(shared))} already served by pass_through_endpoints[{first.index}] "
-                        "on the same path; give entries sharing a path disjoint methods",
+                    file, label = self.labels[second.index]
+                    self.problems.append(
+                        f"{file}: {label} ({second.path}).methods: {', '.join(sorted(shared))} already served by "
+                        f"{self.label(first.index, seen_from=file)} on the same path; give entries sharing a path disjoint methods"
                     )
 
 
@@ -503,9 +542,20 @@ def print_problems(exc: ConfigError, file=None) -> None:
         print(f"config error: {line}", file=file or sys.stderr)
 
 
-def log_summary(settings: Settings) -> None:
-    """Log, once at start-up, what was ignored and which open endpoints inject credentials."""
+def summary(settings: Settings) -> list[tuple[int, str]]:
+    """The start-up report, as (logging level, line): what was ignored, then each warning.
+
+    Logged by :func:`log_summary` when the proxy starts and printed by ``check``, so both say
+    the same thing.
+    """
+    lines = []
     if settings.ignored:
-        log.info("ignored (not used by proxy_app): %s", ", ".join(settings.ignored))
-    for warning in settings.warnings:
-        log.warning(warning)
+        lines.append((logging.INFO, f"ignored (not used by proxy_app): {', '.join(settings.ignored)}"))
+    lines += [(logging.WARNING, warning) for warning in settings.warnings]
+    return lines
+
+
+def log_summary(settings: Settings) -> None:
+    """Log, once at start-up, what was ignored and every warning (open credentials, no endpoints)."""
+    for level, line in summary(settings):
+        log.log(level, "%s", line)

@@ -1,10 +1,10 @@
 """The config as held by the gunicorn master, so that ``kill -HUP`` can swap it safely.
 
 gunicorn forks each worker from the master, so a worker starts with the master's memory:
-the Settings validated here are the ones ``wsgi.py`` serves. On HUP the master validates
-the config file again *before* it forks new workers; if the new file is invalid it logs
-why and keeps the previous Settings, so the new workers serve the old config and nothing
-stops (SPEC §7). Outside gunicorn (tests, ``check``) this module is unused.
+the Settings validated here are the ones ``proxy_app/wsgi.py`` serves. On HUP the master
+validates the config file (and its includes) again *before* it forks new workers; if the
+new files are invalid it logs why and keeps the previous Settings, so the new workers serve
+the old config and nothing stops. Outside gunicorn (tests, ``check``) this module is unused.
 """
 
 from __future__ import annotations

@@ -1,17 +1,21 @@
-"""Prometheus metrics, correct across gunicorn workers (SPEC §7).
+"""Prometheus metrics, correct across gunicorn workers.
 
-With ``PROMETHEUS_MULTIPROC_DIR`` set (deploy/gunicorn.conf.py sets it before any worker
+With ``PROMETHEUS_MULTIPROC_DIR`` set (proxy_app/gunicorn_conf.py sets it before any worker
 starts) every worker writes its samples to files in that directory and ``/metrics``
 merges them, so a scrape that lands on any worker sees the sum over all of them
 (prometheus/client_python "multiprocess mode"). Without it (tests, a single process) the
 default registry is served.
 
 The environment variable must be set before this module is imported: prometheus_client
-chooses its value storage at import time.
+chooses its value storage at import time. If it was imported earlier, every worker counts
+in its own memory while ``/metrics`` reads the (empty) directory and answers an empty 200;
+:func:`storage_problem` detects that and the app logs it as an ERROR, at start-up or at the
+first scrape that finds it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from flask import Response
@@ -23,12 +27,17 @@ from prometheus_client import Gauge
 from prometheus_client import Histogram
 from prometheus_client import generate_latest
 from prometheus_client import multiprocess
+from prometheus_client import values
+
+log = logging.getLogger("proxy_app")
 
 # Seconds; LLM calls range from milliseconds (rerank) to minutes (long streams).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 REQUESTS = Counter("proxy_requests_total", "Requests answered, by route, method and status.", ["route", "method", "status"])
-DURATION = Histogram("proxy_request_duration_seconds", "Time from request to the end of the response body.", ["route"], buckets=DURATION_BUCKETS)
+DURATION = Histogram(
+    "proxy_request_duration_seconds", "Time from request to the end of the response body.", ["route"], buckets=DURATION_BUCKETS
+)
 TTFB = Histogram("proxy_upstream_ttfb_seconds", "Time from request to the upstream's response head.", ["route"], buckets=DURATION_BUCKETS)
 REQUEST_BYTES = Counter("proxy_request_bytes_total", "Request body bytes read from callers.", ["route"])
 RESPONSE_BYTES = Counter("proxy_response_bytes_total", "Response body bytes written to callers.", ["route"])
@@ -91,8 +100,37 @@ def registry():
     return REGISTRY
 
 
+def storage_problem(environ=os.environ, value_class=None) -> str | None:
+    """Why /metrics would be wrong in this process, or None.
+
+    ``value_class`` is the storage prometheus_client chose when it was imported
+    (``prometheus_client.values.ValueClass``): :class:`values.MutexValue` means in-process
+    memory, anything else the multiprocess files.
+    """
+    in_memory = (values.ValueClass if value_class is None else value_class) is values.MutexValue
+    if environ.get("PROMETHEUS_MULTIPROC_DIR") and in_memory:
+        return (
+            "metrics: PROMETHEUS_MULTIPROC_DIR is set but prometheus_client was imported before it was, "
+            "so each worker counts in its own memory and /metrics reports nothing; "
+            "set the variable before anything imports proxy_app.factory or proxy_app.metrics"
+        )
+    return None
+
+
+def _log_storage_problem() -> bool:
+    problem = storage_problem()
+    if problem:
+        log.error("%s", problem)
+    return problem is not None
+
+
 def init_app(app) -> None:
+    checked = [_log_storage_problem()]
+
     def metrics():
+        if not checked[0]:
+            # The variable may have been set after start-up (gunicorn --preload).
+            checked[0] = _log_storage_problem()
         return Response(generate_latest(registry()), content_type=CONTENT_TYPE_LATEST)
 
     app.add_url_rule("/metrics", "metrics", metrics, methods=["GET"])

@@ -1,6 +1,6 @@
 """The WSGI app gunicorn serves.
 
-Under the gunicorn master (deploy/gunicorn.conf.py) the config was validated there, before
+Under the gunicorn master (proxy_app/gunicorn_conf.py) the config was validated there, before
 this worker was forked, and is taken from :mod:`proxy_app.lifecycle`; that is what lets a
 HUP with an invalid new config keep serving the old one. Imported on its own (another WSGI
 server), it reads ``CONFIG_FILE_PATH`` (default ``./config.yaml``) itself.

@@ -2,6 +2,7 @@
 
 The listening socket is bound here, on 127.0.0.1 port 0, and handed to gunicorn as
 ``fd://N``: no port is guessed, and no other process can take it in between.
+:func:`run_server` does the same for any start command (the CLI, an installed package).
 """
 
 from __future__ import annotations
@@ -47,34 +48,56 @@ def write_config(directory: Path, config: dict) -> Path:
     return path
 
 
+def listener(host: str = "127.0.0.1") -> socket.socket:
+    """A listening TCP socket on a port the OS picked, to hand to a server as fd://N."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.listen(128)
+    return sock
+
+
 @contextmanager
 def run_gunicorn(config_path: Path, env: dict, workers: int = 1, threads: int = 8, wait: bool = True):
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    port = listener.getsockname()[1]
-    fd = listener.fileno()
-    log_file = tempfile.NamedTemporaryFile(prefix="gunicorn-", suffix=".log", delete=False)
-    env = {**env, "CONFIG_FILE_PATH": str(config_path), "PROXY_THREADS": str(threads), "WEB_CONCURRENCY": str(workers), "PROXY_GRACEFUL_TIMEOUT": "5"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "-b", f"fd://{fd}"],
-        cwd=ROOT,
-        env=env,
-        pass_fds=[fd],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    listener.close()
-    server = Gunicorn(proc, port, Path(log_file.name))
+    env = {
+        **env,
+        "CONFIG_FILE_PATH": str(config_path),
+        "PROXY_THREADS": str(threads),
+        "WEB_CONCURRENCY": str(workers),
+        "PROXY_GRACEFUL_TIMEOUT": "5",
+    }
+    with run_server([sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py"], env, ROOT, wait=wait) as server:
+        yield server
+
+
+@contextmanager
+def run_server(argv: list[str], env: dict, cwd: Path, wait: bool = True):
+    """Start a proxy command in its own session, listening on a socket bound here and passed
+    as ``PROXY_BIND=fd://N``; wait until it answers /health/readiness; SIGTERM it by PID."""
+    sock = listener()
+    port = sock.getsockname()[1]
+    fd = sock.fileno()
+    log_fd, log_name = tempfile.mkstemp(prefix="gunicorn-", suffix=".log")
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env={**env, "PROXY_BIND": f"fd://{fd}"},
+            pass_fds=[fd],
+            stdout=log_fd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        sock.close()
+        os.close(log_fd)
+    server = Gunicorn(proc, port, Path(log_name))
     try:
         if wait:
             _wait_ready(server)
         yield server
     finally:
         stop_process(proc)
-        log_file.close()
-        os.unlink(log_file.name)
+        os.unlink(log_name)
 
 
 def _wait_ready(server: Gunicorn) -> None:

@@ -1,4 +1,4 @@
-"""Table-driven tests of proxy_app.config (SPEC.md section 1, Configuration).
+"""Table-driven tests of proxy_app.config: validation, environment_variables and include.
 
 Every call passes its own ``environ``; the real os.environ is never read.  Every test that
 expects a ConfigError goes through :func:`errors_of`, which also checks that no value from
@@ -10,15 +10,19 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proxy_app.config import DEFAULT_METHODS
+from proxy_app.config import NO_ENDPOINTS
 from proxy_app.config import ConfigError
 from proxy_app.config import config_path
 from proxy_app.config import load_config
 from proxy_app.config import log_summary
+from proxy_app.config import summary
 
 SRC = "<config>"  # the source name of a config given as a mapping
 PATH = "/x"
@@ -237,7 +241,12 @@ def test_malformed_ipv6_target_is_a_config_error(target, environ):
         pytest.param("header", {}, "unknown field; did you mean 'headers'?", id="header"),
         pytest.param("zzqqxx", 1, "unknown field; known fields: path, target, headers, include_subpath", id="no-close-match"),
         pytest.param("guardrails", ["pii-mask"], "guardrails are not supported by proxy_app; remove the field", id="guardrails"),
-        pytest.param("custom_auth_parser", "langfuse", "custom auth parsers are not supported by proxy_app; remove the field", id="custom_auth_parser"),
+        pytest.param(
+            "custom_auth_parser",
+            "langfuse",
+            "custom auth parsers are not supported by proxy_app; remove the field",
+            id="custom_auth_parser",
+        ),
     ],
 )
 def test_unknown_or_unsupported_field(field, value, fragment):
@@ -417,7 +426,7 @@ def test_litellm_user_api_key_names_the_key_header_and_is_not_sent():
 def test_langfuse_pair_becomes_one_basic_authorization(headers):
     (ep,) = load(one(headers=headers)).endpoints
     assert ep.headers == (("Authorization", LF_BASIC),)
-    assert LF_BASIC == "Basic " + base64.b64encode(f"{LF_PUBLIC}:{LF_SECRET}".encode()).decode()
+    assert "Basic " + base64.b64encode(f"{LF_PUBLIC}:{LF_SECRET}".encode()).decode() == LF_BASIC
 
 
 def test_langfuse_pair_keeps_other_headers():
@@ -429,8 +438,16 @@ def test_langfuse_pair_keeps_other_headers():
 @pytest.mark.parametrize(
     "headers, fragment",
     [
-        pytest.param({"LANGFUSE_PUBLIC_KEY": "os.environ/LANGFUSE_DEV_PUBLIC_KEY"}, "LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY must be given together", id="public-only"),
-        pytest.param({"LANGFUSE_SECRET_KEY": "os.environ/LANGFUSE_DEV_SK_KEY"}, "LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY must be given together", id="secret-only"),
+        pytest.param(
+            {"LANGFUSE_PUBLIC_KEY": "os.environ/LANGFUSE_DEV_PUBLIC_KEY"},
+            "LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY must be given together",
+            id="public-only",
+        ),
+        pytest.param(
+            {"LANGFUSE_SECRET_KEY": "os.environ/LANGFUSE_DEV_SK_KEY"},
+            "LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY must be given together",
+            id="secret-only",
+        ),
         pytest.param(
             {"LANGFUSE_PUBLIC_KEY": LF_PUBLIC, "LANGFUSE_SECRET_KEY": LF_SECRET, "Authorization": "bearer os.environ/COHERE_API_KEY"},
             "LANGFUSE_* keys and Authorization cannot both be set",
@@ -516,7 +533,12 @@ def test_env_references_are_resolved(cfg, read, expected):
             "environment variable MISSING_MASTER is not set",
             id="master_key-unset",
         ),
-        pytest.param(one(headers={"X-Key": "os.environ/EMPTY"}), at("headers.X-Key"), "environment variable EMPTY is set but empty", id="header-empty"),
+        pytest.param(
+            one(headers={"X-Key": "os.environ/EMPTY"}),
+            at("headers.X-Key"),
+            "environment variable EMPTY is set but empty",
+            id="header-empty",
+        ),
         pytest.param(one(target="os.environ/EMPTY"), at("target"), "environment variable EMPTY is set but empty", id="target-empty"),
         pytest.param(
             config(master_key="os.environ/EMPTY"),
@@ -530,7 +552,9 @@ def test_env_references_are_resolved(cfg, read, expected):
             "os.environ/ must be followed by a variable name and nothing else",
             id="not-at-end",
         ),
-        pytest.param(one(headers={"X-Key": "os.environ/"}), at("headers.X-Key"), "os.environ/ must be followed by a variable name", id="no-name"),
+        pytest.param(
+            one(headers={"X-Key": "os.environ/"}), at("headers.X-Key"), "os.environ/ must be followed by a variable name", id="no-name"
+        ),
     ],
 )
 def test_env_reference_errors(cfg, prefix, fragment):
@@ -723,7 +747,11 @@ def test_invalid_timeout_and_cost(cfg, prefix, fragment):
     [
         pytest.param(one(timeout=math.nan), at("timeout"), id="timeout-nan"),
         pytest.param(one(timeout=math.inf), at("timeout"), id="timeout-inf"),
-        pytest.param(config(pass_through_request_timeout=math.nan), f"{SRC}: general_settings.pass_through_request_timeout: ", id="general-timeout-nan"),
+        pytest.param(
+            config(pass_through_request_timeout=math.nan),
+            f"{SRC}: general_settings.pass_through_request_timeout: ",
+            id="general-timeout-nan",
+        ),
         pytest.param(one(cost_per_request=math.nan), at("cost_per_request"), id="cost-nan"),
     ],
 )
@@ -750,18 +778,28 @@ def test_cost_per_request(cost, expected):
             f"{SRC}: general_settings.pass_through_endpoints: must be a list",
             id="endpoints-not-list",
         ),
-        pytest.param(config("/x"), f"{SRC}: pass_through_endpoints[0]: must be a mapping with at least path and target", id="entry-not-mapping"),
+        pytest.param(
+            config("/x"), f"{SRC}: pass_through_endpoints[0]: must be a mapping with at least path and target", id="entry-not-mapping"
+        ),
         pytest.param(config(master_key=["sk"]), f"{SRC}: general_settings.master_key: must be a string", id="master_key-list"),
         pytest.param(config(master_key=True), f"{SRC}: general_settings.master_key: must be a string", id="master_key-bool"),
-        pytest.param(one(default_query_params=["a=1"]), at("default_query_params") + "must be a mapping of name to value", id="dqp-not-mapping"),
-        pytest.param(one(default_query_params={"a": None}), at("default_query_params.a") + "value must be a string or a number", id="dqp-null-value"),
+        pytest.param(
+            one(default_query_params=["a=1"]), at("default_query_params") + "must be a mapping of name to value", id="dqp-not-mapping"
+        ),
+        pytest.param(
+            one(default_query_params={"a": None}), at("default_query_params.a") + "value must be a string or a number", id="dqp-null-value"
+        ),
     ],
 )
 def test_structural_errors(raw, expected):
     assert errors_of(raw) == [expected]
 
 
-@pytest.mark.parametrize("raw", [{}, {"general_settings": None}, {"general_settings": {}}, config()], ids=["empty", "null-general", "empty-general", "no-endpoints"])
+@pytest.mark.parametrize(
+    "raw",
+    [{}, {"general_settings": None}, {"general_settings": {}}, config()],
+    ids=["empty", "null-general", "empty-general", "no-endpoints"],
+)
 def test_empty_configs_load(raw):
     settings = load(raw)
     assert settings.endpoints == ()
@@ -797,14 +835,14 @@ LITELLM_EXTRAS = {
     "model_list": [{"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o"}}],
     "litellm_settings": {"drop_params": True},
     "router_settings": {"routing_strategy": "simple-shuffle"},
-    "environment_variables": {"X": "y"},
 }
 
 
 @pytest.mark.parametrize(
     "raw, names",
     [
-        pytest.param({**LITELLM_EXTRAS, **one()}, ["model_list", "litellm_settings", "router_settings", "environment_variables"], id="top-level-sections"),
+        pytest.param({**LITELLM_EXTRAS, **one()}, ["model_list", "litellm_settings", "router_settings"], id="top-level-sections"),
+        pytest.param({"environment_variables": {"X": "y"}, **one()}, [], id="environment_variables-is-used"),
         pytest.param(
             config(endpoint(), alerting=["slack"], database_url="postgres://x", store_model_in_db=True),
             ["general_settings.alerting", "general_settings.database_url", "general_settings.store_model_in_db"],
@@ -830,7 +868,7 @@ def test_log_summary_names_ignored_sections_in_one_info_line(caplog):
     assert len(infos) == 1
     message = infos[0].getMessage()
     assert "\n" not in message
-    for name in ["model_list", "litellm_settings", "router_settings", "environment_variables", "general_settings.alerting"]:
+    for name in ["model_list", "litellm_settings", "router_settings", "general_settings.alerting"]:
         assert name in message
 
 
@@ -1054,3 +1092,370 @@ def test_load_config_without_source_or_env_reads_config_yaml_in_cwd(tmp_path, mo
     settings = load(None, {})
     assert settings.source == "config.yaml"
     assert [e.path for e in settings.endpoints] == ["/from-cwd"]
+
+
+# -- a config that serves nothing ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw", [{}, {"general_settings": {"master_key": "sk-1"}}, config()], ids=["empty", "no-endpoints-key", "empty-list"]
+)
+def test_no_endpoints_is_a_warning(raw, caplog):
+    settings = load(raw)
+    assert settings.warnings == (NO_ENDPOINTS,)
+    caplog.set_level(logging.INFO, logger="proxy_app")
+    log_summary(settings)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.WARNING, NO_ENDPOINTS)]
+
+
+def test_summary_is_what_log_summary_logs(caplog):
+    settings = load({**LITELLM_EXTRAS, **config(endpoint(headers={"Authorization": "k"}))})
+    caplog.set_level(logging.DEBUG, logger="proxy_app")
+    log_summary(settings)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == summary(settings)
+    assert [level for level, _ in summary(settings)] == [logging.INFO, logging.WARNING]
+
+
+# -- environment_variables -------------------------------------------------------------
+
+
+def with_env(variables, *endpoints, **general) -> dict:
+    return {"environment_variables": variables, **config(*endpoints, **general)}
+
+
+@pytest.mark.parametrize(
+    "raw, environ, read, expected",
+    [
+        pytest.param(
+            with_env({"NEW_KEY": "k-1"}, endpoint(headers={"X-Key": "os.environ/NEW_KEY"})),
+            {},
+            lambda s: s.endpoints[0].headers,
+            (("X-Key", "k-1"),),
+            id="defines-a-variable",
+        ),
+        pytest.param(
+            with_env({"COHERE_API_KEY": "from-config"}, endpoint(headers={"X-Key": "os.environ/COHERE_API_KEY"})),
+            ENV,
+            lambda s: s.endpoints[0].headers,
+            (("X-Key", "from-config"),),
+            id="config-wins-over-process-env-as-in-litellm",
+        ),
+        pytest.param(
+            with_env({"ALIAS": "os.environ/COHERE_API_KEY"}, endpoint(headers={"X-Key": "bearer os.environ/ALIAS"})),
+            ENV,
+            lambda s: s.endpoints[0].headers,
+            (("X-Key", f"bearer {COHERE}"),),
+            id="value-copies-another-variable",
+        ),
+        pytest.param(
+            with_env({"UNUSED": "os.environ/NOT_SET_ANYWHERE"}, endpoint()),
+            {},
+            lambda s: len(s.endpoints),
+            1,
+            id="copy-of-unset-variable-is-skipped-if-unused",
+        ),
+        pytest.param(
+            with_env(
+                {"PORT_N": 8443, "RATE": 0.5, "ON": True, "OFF": False},
+                endpoint(target="https://h.example:os.environ/PORT_N"),
+                endpoint(path="/y", default_query_params={"r": "os.environ/RATE", "on": "os.environ/ON", "off": "os.environ/OFF"}),
+            ),
+            {},
+            lambda s: (s.endpoints[0].netloc, s.endpoints[1].default_query_params),
+            ("h.example:8443", (("r", "0.5"), ("on", "true"), ("off", "false"))),
+            id="scalars-coerced-to-strings",
+        ),
+        pytest.param(
+            with_env({"LITELLM_MASTER_KEY": "sk-from-config"}, endpoint(auth=True)),
+            {},
+            lambda s: s.master_key,
+            "sk-from-config",
+            id="litellm-master-key-fallback",
+        ),
+        pytest.param(
+            with_env({"UPSTREAM": "https://env.example/v1"}, endpoint(target="os.environ/UPSTREAM")),
+            {},
+            lambda s: s.endpoints[0].target,
+            "https://env.example/v1",
+            id="target",
+        ),
+        pytest.param(with_env(None, endpoint()), {}, lambda s: len(s.endpoints), 1, id="empty-section"),
+    ],
+)
+def test_environment_variables_apply_to_references(raw, environ, read, expected):
+    assert read(load(raw, environ)) == expected
+
+
+def test_environment_variables_are_not_exported_to_the_process(monkeypatch):
+    monkeypatch.delenv("PROXY_APP_TEST_ONLY", raising=False)
+    settings = load_config(with_env({"PROXY_APP_TEST_ONLY": "v"}, endpoint(headers={"X": "os.environ/PROXY_APP_TEST_ONLY"})))
+    assert settings.endpoints[0].headers == (("X", "v"),)
+    assert "PROXY_APP_TEST_ONLY" not in os.environ
+
+
+ENV_SECRET = "env-SECRET-value-6666"
+
+
+@pytest.mark.parametrize(
+    "variables, prefix, fragment",
+    [
+        pytest.param(
+            ["A=1"], f"{SRC}: environment_variables: ", "must be a mapping of variable name to value, got list", id="not-a-mapping"
+        ),
+        pytest.param(
+            {"1BAD": ENV_SECRET}, f"{SRC}: environment_variables.1BAD: ", "is not a valid environment variable name", id="bad-name"
+        ),
+        pytest.param(
+            {"A-B": ENV_SECRET}, f"{SRC}: environment_variables.A-B: ", "is not a valid environment variable name", id="dash-in-name"
+        ),
+        pytest.param({"A": None}, f"{SRC}: environment_variables.A: ", "must be a string, a number or a boolean, got NoneType", id="null"),
+        pytest.param({"A": [ENV_SECRET]}, f"{SRC}: environment_variables.A: ", "got list", id="list"),
+        pytest.param({"A": {"k": ENV_SECRET}}, f"{SRC}: environment_variables.A: ", "got dict", id="mapping"),
+        pytest.param({"A": ENV_SECRET + "\x00"}, f"{SRC}: environment_variables.A: ", "value contains NUL", id="nul"),
+        pytest.param(
+            {"A": "os.environ/NOT VALID"}, f"{SRC}: environment_variables.A: ", "must be followed by a variable name", id="bad-copy"
+        ),
+    ],
+)
+def test_environment_variables_errors_name_the_field_never_the_value(variables, prefix, fragment):
+    problems = errors_of(with_env(variables, endpoint()))
+    assert_one_problem(problems, prefix, fragment)
+    assert ENV_SECRET not in "\n".join(problems)
+
+
+def test_environment_variables_values_never_appear_in_errors():
+    # The value is resolved, then rejected as a target: the error must not show it.
+    problems = errors_of(with_env({"T": "ftp://leak-" + ENV_SECRET}, endpoint(target="os.environ/T")))
+    assert_one_problem(problems, at("target"), NOT_HTTP)
+    assert ENV_SECRET not in "\n".join(problems)
+
+
+def test_reference_to_an_unset_copy_says_why():
+    problems = errors_of(with_env({"KEY": "os.environ/NOT_SET"}, endpoint(headers={"X": "os.environ/KEY"})), {})
+    assert_one_problem(
+        problems, at("headers.X"), "environment variable KEY is not set (environment_variables.KEY copies NOT_SET, which is not set)"
+    )
+
+
+# -- include ---------------------------------------------------------------------------
+
+
+def yaml_file(directory: Path, name: str, data) -> Path:
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_include_adds_endpoints_after_the_including_files(tmp_path):
+    main = yaml_file(
+        tmp_path, "config.yaml", {"include": ["routes/a.yaml", "b.yaml"], **config(endpoint(path="/main"), master_key="sk-main")}
+    )
+    yaml_file(tmp_path, "routes/a.yaml", {"include": ["nested.yaml"], **config(endpoint(path="/a1"), endpoint(path="/a2"))})
+    yaml_file(tmp_path, "routes/nested.yaml", config(endpoint(path="/nested")))  # relative to routes/
+    yaml_file(tmp_path, "b.yaml", {"general_settings": {"pass_through_endpoints": [endpoint(path="/b", auth=True)]}})
+    settings = load(main)
+    assert [e.path for e in settings.endpoints] == ["/main", "/a1", "/a2", "/nested", "/b"]
+    assert [e.index for e in settings.endpoints] == [0, 1, 2, 3, 4]
+    assert settings.master_key == "sk-main"  # merged, not replaced by an included general_settings
+    assert settings.source == str(main)
+    assert not any("include" in entry for entry in settings.ignored)
+
+
+def test_include_merges_mappings_and_sections(tmp_path):
+    main = yaml_file(
+        tmp_path, "config.yaml", {"include": ["secrets.yaml"], "model_list": [{"m": 1}], **one(headers={"X": "os.environ/FROM_INCLUDE"})}
+    )
+    yaml_file(
+        tmp_path,
+        "secrets.yaml",
+        {
+            "environment_variables": {"FROM_INCLUDE": "v"},
+            "model_list": [{"m": 2}],
+            "general_settings": {"master_key": "sk-inc", "pass_through_request_timeout": 5},
+        },
+    )
+    settings = load(main, {})
+    (ep,) = settings.endpoints
+    assert ep.headers == (("X", "v"),) and ep.timeout == 5.0
+    assert settings.master_key == "sk-inc"
+    assert settings.ignored == ("top-level section 'model_list'",)
+
+
+def test_the_same_value_in_two_files_is_fine(tmp_path):
+    main = yaml_file(tmp_path, "config.yaml", {"include": ["other.yaml"], **config(endpoint(), master_key="sk-same")})
+    yaml_file(tmp_path, "other.yaml", {"general_settings": {"master_key": "sk-same"}})
+    assert load(main).master_key == "sk-same"
+
+
+@pytest.mark.parametrize(
+    "main_general, other, field, fragment",
+    [
+        pytest.param(
+            {"master_key": "sk-" + ENV_SECRET},
+            {"general_settings": {"master_key": "sk-other-" + ENV_SECRET}},
+            "general_settings.master_key",
+            "is also set in {main}, to a different value; set it in one file only",
+            id="scalar",
+        ),
+        pytest.param({}, {"general_settings": ["x"]}, "general_settings", "is a list here and a mapping in {main}", id="list-vs-mapping"),
+        pytest.param(
+            {"pass_through_request_timeout": 5},
+            {"general_settings": {"pass_through_request_timeout": "5"}},
+            "general_settings.pass_through_request_timeout",
+            "is also set in {main}, to a different value",
+            id="same-text-other-type",
+        ),
+        pytest.param(
+            {},
+            {"general_settings": {"pass_through_endpoints": {"path": "/x"}}},
+            "general_settings.pass_through_endpoints",
+            "is a mapping here and a list in {main}",
+            id="mapping-vs-list",
+        ),
+    ],
+)
+def test_conflicts_between_files_name_both_files_and_no_value(tmp_path, main_general, other, field, fragment):
+    main = yaml_file(
+        tmp_path, "config.yaml", {"include": ["other.yaml"], "general_settings": {**main_general, "pass_through_endpoints": [endpoint()]}}
+    )
+    included = yaml_file(tmp_path, "other.yaml", other)
+    problems = errors_of(main)
+    assert problems == [
+        f"{included}: {field}: {fragment.format(main=main)}" + ("" if "one file only" in fragment else "; set it in one file only")
+    ]
+    assert ENV_SECRET not in problems[0]
+
+
+def test_problems_in_an_included_file_name_that_file_and_its_own_index(tmp_path):
+    main = yaml_file(
+        tmp_path, "config.yaml", {"include": ["more.yaml"], **config(endpoint(path="/ok"), endpoint(path="/bad-main", methods=["TRACE"]))}
+    )
+    more = yaml_file(
+        tmp_path, "more.yaml", config(endpoint(path="/fine"), endpoint(path="/bad", target="ftp://x", headers={"X": "os.environ/NOPE"}))
+    )
+    problems = errors_of(main)
+    assert len(problems) == 3, problems
+    assert_problem(problems, at("methods", 1, "/bad-main", str(main)), "TRACE is refused")
+    assert_problem(problems, at("target", 1, "/bad", str(more)), NOT_HTTP)
+    assert_problem(problems, at("headers.X", 1, "/bad", str(more)), "environment variable NOPE is not set")
+
+
+def test_overlaps_and_warnings_name_the_other_file(tmp_path):
+    main = yaml_file(tmp_path, "config.yaml", {"include": ["more.yaml"], **config(endpoint(path="/same", methods=["GET"]))})
+    more = yaml_file(tmp_path, "more.yaml", config(endpoint(path="/same", methods=["GET", "POST"])))
+    (problem,) = errors_of(main)
+    assert problem == (
+        f"{more}: pass_through_endpoints[0] (/same).methods: GET already served by {main}: pass_through_endpoints[0] "
+        "on the same path; give entries sharing a path disjoint methods"
+    )
+    yaml_file(tmp_path, "more.yaml", config(endpoint(path="/open", headers={"Authorization": "k"})))
+    (warning,) = load(main).warnings
+    assert warning.startswith(f"endpoint /open ({more}: pass_through_endpoints[0]) is open")
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        pytest.param(
+            {"config.yaml": {"include": "other.yaml"}}, ["{d}/config.yaml: include: must be a list of file paths"], id="not-a-list"
+        ),
+        pytest.param({"config.yaml": {"include": [3]}}, ["{d}/config.yaml: include[0]: must be a file path, got int"], id="not-a-path"),
+        pytest.param(
+            {"config.yaml": {"include": ["missing.yaml"]}},
+            ["{d}/missing.yaml: cannot read config file: No such file or directory (from {d}/config.yaml: include[0])"],
+            id="missing",
+        ),
+        pytest.param(
+            {"config.yaml": {"include": ["bad.yaml"]}, "bad.yaml": "general_settings:\n  master_key: [unclosed\n"},
+            ["{d}/bad.yaml:3:1: invalid YAML: "],  # ... (from {d}/config.yaml: include[0])
+            id="bad-yaml-names-the-included-file",
+        ),
+        pytest.param(
+            {"config.yaml": {"include": ["list.yaml"]}, "list.yaml": ["a"]},
+            ["{d}/list.yaml: the top level of an included file must be a mapping"],
+            id="included-top-level-not-mapping",
+        ),
+        pytest.param(
+            {"config.yaml": {"include": ["a.yaml"]}, "a.yaml": {"include": ["config.yaml"]}},
+            ["{d}/a.yaml: include[0]: {d}/config.yaml is already being read (include cycle)"],
+            id="cycle",
+        ),
+        pytest.param(
+            {"config.yaml": {"include": ["config.yaml"]}},
+            ["{d}/config.yaml: include[0]: {d}/config.yaml is already being read (include cycle)"],
+            id="self",
+        ),
+        pytest.param(
+            {
+                "config.yaml": {"include": ["a.yaml", "b.yaml"]},
+                "a.yaml": {"include": ["c.yaml"]},
+                "b.yaml": {"include": ["./c.yaml"]},
+                "c.yaml": {},
+            },
+            ["{d}/b.yaml: include[0]: {d}/./c.yaml is already included by {d}/a.yaml; include each file once"],
+            id="twice",
+        ),
+    ],
+)
+def test_include_errors(tmp_path, files, expected):
+    for name, data in files.items():
+        yaml_file(tmp_path, name, data)
+    problems = errors_of(tmp_path / "config.yaml")
+    assert len(problems) == len(expected), problems
+    for problem, start in zip(problems, expected, strict=True):
+        assert problem.startswith(start.format(d=tmp_path)), problem
+
+
+def test_include_in_a_mapping_is_refused():
+    assert errors_of({"include": ["x.yaml"]}) == [f"{SRC}: include: needs a config file (its paths are relative to the file's directory)"]
+
+
+def test_include_is_read_again_on_every_load(tmp_path):
+    # What a HUP reload does: the included files are read again too.
+    main = yaml_file(tmp_path, "config.yaml", {"include": ["routes.yaml"]})
+    yaml_file(tmp_path, "routes.yaml", config(endpoint(path="/one")))
+    assert [e.path for e in load(main).endpoints] == ["/one"]
+    yaml_file(tmp_path, "routes.yaml", config(endpoint(path="/two")))
+    assert [e.path for e in load(main).endpoints] == ["/two"]
+
+
+# -- check --allow-missing-env -----------------------------------------------------------
+
+
+def test_allow_missing_env_lists_unset_variables_instead_of_failing():
+    cfg = config(
+        endpoint(
+            path="/a",
+            target="os.environ/UPSTREAM_URL_UNSET",
+            headers={"Authorization": "bearer os.environ/KEY_UNSET", "X": "os.environ/COHERE_API_KEY"},
+        ),
+        endpoint(path="/b", auth=True, headers={"litellm_user_api_key": "os.environ/HEADER_NAME_UNSET"}),
+        master_key="os.environ/MASTER_UNSET",
+    )
+    settings = load_config(cfg, dict(ENV), allow_missing_env=True)
+    assert settings.unresolved == (
+        f"{SRC}: general_settings.master_key: environment variable MASTER_UNSET is not set",
+        f"{at('target', 0, '/a')}environment variable UPSTREAM_URL_UNSET is not set",
+        f"{at('headers.Authorization', 0, '/a')}environment variable KEY_UNSET is not set",
+        f"{at('headers.litellm_user_api_key', 1, '/b')}environment variable HEADER_NAME_UNSET is not set",
+    )
+    a, b = settings.endpoints
+    assert a.target == "os.environ/UPSTREAM_URL_UNSET" and dict(a.headers)["X"] == COHERE
+    assert b.auth and settings.master_key  # the master key is there, only unknown here
+    assert not load_config(one(), {}, allow_missing_env=True).unresolved
+
+
+@pytest.mark.parametrize(
+    "cfg, prefix, fragment",
+    [
+        pytest.param(one(headers={"X": "os.environ/EMPTY"}), at("headers.X"), "is set but empty", id="empty-is-still-an-error"),
+        pytest.param(
+            one(path="v1", headers={"X": "os.environ/UNSET"}), at("path", path="v1"), "must start with '/'", id="other-errors-still-fail"
+        ),
+    ],
+)
+def test_allow_missing_env_still_fails_on_everything_else(cfg, prefix, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, dict(ENV), allow_missing_env=True)
+    assert_one_problem(info.value.problems, prefix, fragment)

@@ -75,7 +75,11 @@ def test_check_prints_the_route_table_without_values(tmp_path, capsys, monkeypat
             "general_settings": {
                 "master_key": MASTER,
                 "pass_through_endpoints": [
-                    {"path": "/v1/rerank", "target": "https://api.cohere.com/v1/rerank", "headers": {"Authorization": "bearer os.environ/SECRET"}},
+                    {
+                        "path": "/v1/rerank",
+                        "target": "https://api.cohere.com/v1/rerank",
+                        "headers": {"Authorization": "bearer os.environ/SECRET"},
+                    },
                     {"path": "/lf", "target": "https://lf.example:8443/x", "auth": True, "include_subpath": True, "methods": ["post"]},
                 ],
             }
@@ -91,7 +95,11 @@ def test_check_prints_the_route_table_without_values(tmp_path, capsys, monkeypat
 def test_check_lists_every_error_and_exits_1(tmp_path, capsys):
     path = write_config(
         tmp_path,
-        {"general_settings": {"pass_through_endpoints": [{"path": "x", "target": "ftp://h"}, {"path": "/ok", "target": "http://h", "auth": "true"}]}},
+        {
+            "general_settings": {
+                "pass_through_endpoints": [{"path": "x", "target": "ftp://h"}, {"path": "/ok", "target": "http://h", "auth": "true"}]
+            }
+        },
     )
     assert cli_main(["check", "--config", str(path)]) == 1
     err = capsys.readouterr().err.splitlines()
@@ -111,7 +119,7 @@ def cli_server(config_path: Path, env: dict, extra: tuple = ()):
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy_app", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *extra],
-            cwd=config_path.parent,  # the CLI finds deploy/gunicorn.conf.py and wsgi by itself
+            cwd=config_path.parent,  # the CLI needs no checkout: the settings and the app are in the package
             env={**env, "PROXY_GRACEFUL_TIMEOUT": "5", "PROXY_THREADS": "4"},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -271,7 +279,7 @@ def test_access_log_has_one_json_line_per_request_when_its_body_is_done(tmp_path
     ok = by_status[("/p", 200)]
     assert ok["route"] == "/p" and ok["cost_per_request"] == 0.25 and ok["ttfb_ms"] is not None and ok["call_id"]
     assert ok["response_bytes"] > 0 and ok["upstream_error"] is None
-    assert by_status[("/dead", 502)]["upstream_error"] == "connection_error"
+    assert by_status[("/dead", 502)]["upstream_error"] == "connection_refused"  # port 9 on loopback: nothing listens
     assert by_status[("/s", 401)]["route"] == "/s" and by_status[("/s", 401)]["ttfb_ms"] is None
     assert by_status[("/nowhere", 404)]["route"] is None
     stream = lines[-1]

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "proxy-app.service"
 ENV_EXAMPLE = ROOT / "deploy" / "proxy-app.env.example"
-GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
+GUNICORN_CONF = ROOT / "proxy_app" / "gunicorn_conf.py"
 EXAMPLE_CONFIG = ROOT / "config.yaml"
 INSTALL_DIR = "/opt/proxy-app"
 INSTALL_BIN = "/opt/proxy-app/.venv/bin/"
@@ -202,6 +202,6 @@ def test_systemd_analyze_verify_is_clean(tmp_path):
 def test_systemd_analyze_verify_catches_mistakes(tmp_path):
     # Guards the test above against a verify (or a filter) that reports nothing at all.
     text = UNIT.read_text().replace("KillMode=mixed", "KillMode=mixed\nTimeoutStopSec=soon\nNoSuchKey=1")
-    code, problems = verify(scratch_unit(tmp_path, text))
+    _code, problems = verify(scratch_unit(tmp_path, text))
     assert any("NoSuchKey" in line for line in problems), problems
     assert any("soon" in line for line in problems), problems

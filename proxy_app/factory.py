@@ -1,0 +1,56 @@
+"""The Flask app: :func:`create_app` (re-exported lazily as ``proxy_app.create_app``).
+
+This module imports the request path, :mod:`proxy_app.metrics` and so prometheus_client.
+It lives apart from ``proxy_app/__init__.py`` so that importing the package (the CLI, the
+config, the gunicorn settings) does not import prometheus_client: that library picks its
+value storage when first imported, and the gunicorn settings set PROMETHEUS_MULTIPROC_DIR
+first (prometheus/client_python, "Multiprocess Mode").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from flask import Flask
+
+from proxy_app import errors
+from proxy_app import health
+from proxy_app import metrics
+from proxy_app import routes
+from proxy_app.app import ProxyFlask
+from proxy_app.config import Settings
+from proxy_app.config import load_config
+from proxy_app.config import log_summary
+from proxy_app.forward import Forwarder
+from proxy_app.logs import truthy
+from proxy_app.observe import AccessLog
+from proxy_app.upstream import Transport
+
+DEFAULT_THREADS = 32
+
+
+def create_app(config: str | os.PathLike | Mapping | Settings | None = None, environ: Mapping[str, str] = os.environ) -> Flask:
+    """Build the proxy for a config file path, an already-parsed mapping, or Settings.
+
+    :raises proxy_app.config.ConfigError: the config cannot be served.
+    """
+    if isinstance(config, Settings):
+        settings = config  # validated (and summarised) by whoever loaded it
+    else:
+        settings = load_config(config, environ)
+        log_summary(settings)
+    app = ProxyFlask("proxy_app", static_folder=None)
+    app.extensions["proxy_app"] = settings
+    # One pooled connection per gunicorn thread (PROXY_THREADS, as in proxy_app/gunicorn_conf.py).
+    transport = Transport(
+        pool_maxsize=int(environ.get("PROXY_THREADS", DEFAULT_THREADS)),
+        origins=len({e.origin for e in settings.endpoints}),
+    )
+    detailed_debug = truthy(environ.get("DETAILED_DEBUG"))
+    errors.init_app(app)
+    health.init_app(app, settings)
+    metrics.init_app(app)
+    routes.init_app(app, settings.endpoints, Forwarder(settings, transport, detailed_debug))
+    app.wsgi_app = AccessLog(app.wsgi_app)
+    return app
