@@ -6,15 +6,22 @@ name: two upstream ``Set-Cookie`` lines must reach the caller as two lines.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from collections.abc import Mapping
 
+from proxy_app.logs import truthy
+
 # RFC 9110 §7.6.1 plus the non-standard Proxy-Connection that libcurl still sends (as in
 # Go's httputil.ReverseProxy): these describe one hop, never the end-to-end message.
+# HTTP2-Settings carries the settings of an h2c upgrade of the immediate connection
+# (RFC 7540 §3.2.1); a client must name it in Connection, but one that does not must not
+# get it forwarded either.
 HOP_BY_HOP = frozenset(
     {
         "connection",
+        "http2-settings",
         "keep-alive",
         "proxy-connection",
         "proxy-authenticate",
@@ -25,6 +32,21 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+# The caller's Connection header as the front (deploy/nginx.conf) received it. nginx removes
+# Connection before it proxies (it must, to keep its pooled connections to gunicorn open),
+# so without this the app would never learn which headers the caller declared hop-by-hop.
+# The site sets it with proxy_set_header, which replaces any header of that name the caller
+# sent. It is honoured only with PROXY_TRUST_CLIENT_CONNECTION set (see client_hop_names)
+# and never forwarded upstream.
+CLIENT_CONNECTION = "x-client-connection"
+# Honour CLIENT_CONNECTION: set it only when every request reaches gunicorn through the
+# shipped nginx site (gunicorn bound to 127.0.0.1). Read once, at import, like body.py's limits.
+TRUST_CLIENT_CONNECTION = truthy(os.environ.get("PROXY_TRUST_CLIENT_CONNECTION"))
+# Headers deploy/nginx.conf itself sets (proxy_set_header): they are the front's, not the
+# caller's, so a caller naming them in its Connection header must not make the app drop the
+# front's values (the real client address would then never reach the upstream). Host and
+# X-Forwarded-Proto, which the front sets too, are never forwarded anyway.
+FRONT_SET = frozenset({"x-forwarded-for", "x-real-ip"})
 # Sent upstream even without forward_headers: they describe the body and what the caller
 # can read back, and the bytes pass through untouched in both directions.
 ALWAYS_FORWARDED = frozenset({"content-type", "content-encoding", "accept", "accept-encoding"})
@@ -33,8 +55,10 @@ ALWAYS_FORWARDED = frozenset({"content-type", "content-encoding", "accept", "acc
 # - Proxy: httpoxy (CVE-2016-5385);
 # - Expect: the 100-continue handshake is answered by gunicorn on this hop;
 # - x-litellm-api-key carries the proxy's own key;
-# - X-Forwarded-Host/-Proto and Forwarded describe this hop, and a caller could forge them.
+# - X-Forwarded-Host/-Proto and Forwarded describe this hop, and a caller could forge them;
+# - X-Client-Connection is the front's note to the app about the hop before it.
 NEVER_FORWARDED = HOP_BY_HOP | {
+    CLIENT_CONNECTION,
     "host",
     "content-length",
     "proxy",
@@ -86,6 +110,32 @@ def connection_tokens(values: Iterable[str]) -> frozenset[str]:
     )
 
 
+def client_hop_names(caller: Iterable[tuple[str, str]], trust_front: bool) -> frozenset[str]:
+    """Lower-case names the caller's Connection header declares hop-by-hop (RFC 9110 §7.6.1).
+
+    Directly against gunicorn these come from the caller's own Connection header(s). Behind
+    the shipped nginx site they arrive in ``X-Client-Connection`` instead, which counts only
+    with ``trust_front``, and never for the headers the front sets itself (FRONT_SET).
+
+    Without the front, a caller could send X-Client-Connection itself; even when trusted it
+    can only remove headers that the same caller sent, never a configured header (those are
+    added after the caller's are filtered), a key check, or the front's FRONT_SET headers:
+    nothing it could not do by leaving those headers out.
+    """
+    own = []
+    relayed = []
+    for name, value in caller:
+        lower = name.lower()
+        if lower == "connection":
+            own.append(value)
+        elif lower == CLIENT_CONNECTION:
+            relayed.append(value)
+    names = connection_tokens(own)
+    if trust_front and relayed:
+        names = names | (connection_tokens(relayed) - FRONT_SET)
+    return names
+
+
 def caller_headers(environ: Mapping[str, object]) -> list[tuple[str, str]]:
     """The caller's request headers from a WSGI environ, names in ``Title-Case``.
 
@@ -108,8 +158,9 @@ def outbound_headers(
     forward_all: bool,
     peer: str | None,
     consumed: frozenset[str] = frozenset(),
+    trust_front: bool | None = None,
 ) -> list[tuple[str, str]]:
-    """The headers to send upstream, in order (SPEC §3, "Headers").
+    """The headers to send upstream, in order.
 
     :param caller: the caller's headers.
     :param configured: the endpoint's resolved headers; they win over any caller header.
@@ -117,11 +168,12 @@ def outbound_headers(
     :param peer: the caller's address, appended to X-Forwarded-For when forwarding all.
     :param consumed: lower-case names of headers that carried the proxy key, or name the
         endpoint's key header: never sent upstream.
+    :param trust_front: honour X-Client-Connection (client_hop_names); None: the
+        PROXY_TRUST_CLIENT_CONNECTION setting.
     """
-    drop = NEVER_FORWARDED | consumed | configured_names
-    connection = [v for n, v in caller if n.lower() == "connection"]
-    if connection:
-        drop = drop | connection_tokens(connection)
+    if trust_front is None:
+        trust_front = TRUST_CLIENT_CONNECTION
+    drop = NEVER_FORWARDED | consumed | configured_names | client_hop_names(caller, trust_front)
     chosen: dict[str, tuple[str, str]] = {}
     renamed: dict[str, tuple[str, str]] = {}
     forwarded_for = None

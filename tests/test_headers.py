@@ -1,28 +1,36 @@
-"""Table-driven tests of the pure header rules in proxy_app/headers.py (SPEC §3 "Headers", §4)."""
+"""Table-driven tests of the pure header rules in proxy_app/headers.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+import proxy_app.headers
+from proxy_app.headers import InvalidUpstreamHeaders
 from proxy_app.headers import caller_headers
+from proxy_app.headers import client_hop_names
 from proxy_app.headers import connection_tokens
 from proxy_app.headers import is_token
 from proxy_app.headers import outbound_headers
-from proxy_app.headers import InvalidUpstreamHeaders
 from proxy_app.headers import response_headers
 
 P = pytest.param
+ROOT = Path(__file__).resolve().parent.parent
 
 # Caller headers that only pass with forward_headers: true.
 OTHER = [("User-Agent", "curl/8"), ("Cookie", "c=1"), ("X-Custom", "v"), ("Authorization", "Bearer caller")]
 ALWAYS = [("Content-Type", "application/json"), ("Content-Encoding", "gzip"), ("Accept", "text/event-stream"), ("Accept-Encoding", "br")]
 
 
-def out(caller, configured=(), forward_all=False, peer=None, consumed=()):
+def out(caller, configured=(), forward_all=False, peer=None, consumed=(), trust_front=False):
     """outbound_headers with configured_names derived as config.py does, result sorted."""
     configured = tuple(configured)
     names = frozenset(name.lower() for name, _ in configured)
-    result = outbound_headers(list(caller), configured, names, forward_all, peer, frozenset(consumed))
+    result = outbound_headers(list(caller), configured, names, forward_all, peer, frozenset(consumed), trust_front)
     return sorted(result)
 
 
@@ -73,7 +81,7 @@ def out(caller, configured=(), forward_all=False, peer=None, consumed=()):
         P(dict(caller=[], peer="10.0.0.1"), [], id="default-peer-not-added"),
         P(dict(caller=[("Content-Length", "5"), ("Host", "evil")]), [], id="default-no-framing-or-host"),
         P(
-            dict(caller=OTHER + [("X-Pass-Anthropic-Beta", "b")]),
+            dict(caller=[*OTHER, ("X-Pass-Anthropic-Beta", "b")]),
             [("Anthropic-Beta", "b")],
             id="default-x-pass-passes",
         ),
@@ -160,6 +168,8 @@ PASS_REFUSED = [
     "x-forwarded-for",
     "x-forwarded-host",
     "forwarded",
+    "http2-settings",
+    "x-client-connection",
 ]
 
 
@@ -196,14 +206,123 @@ NEVER_FORWARDED = [
     "X-Forwarded-Host",
     "X-Forwarded-Proto",
     "Forwarded",
+    "HTTP2-Settings",
+    "X-Client-Connection",
 ]
 
 
+@pytest.mark.parametrize("trust_front", [P(False, id="untrusted"), P(True, id="trusted")])
 @pytest.mark.parametrize("forward_all", [P(False, id="default"), P(True, id="forward")])
 @pytest.mark.parametrize("name", [*NEVER_FORWARDED, *(n.lower() for n in NEVER_FORWARDED if n != n.lower())])
-def test_never_forwarded(name, forward_all):
+def test_never_forwarded(name, forward_all, trust_front):
     caller = [(name, "x"), ("Content-Type", "a/b")]
-    assert out(caller, forward_all=forward_all) == [("Content-Type", "a/b")]
+    assert out(caller, forward_all=forward_all, trust_front=trust_front) == [("Content-Type", "a/b")]
+
+
+# -- client_hop_names: the caller's Connection, directly or as relayed by the front ---------
+
+@pytest.mark.parametrize(
+    ("caller", "trust_front", "expected"),
+    [
+        P([("Connection", "close, X-Hop")], False, {"close", "x-hop"}, id="own-connection"),
+        P([("Connection", "close, X-Hop")], True, {"close", "x-hop"}, id="own-connection-trusted-too"),
+        P([("Connection", "x-a"), ("connection", "X-B")], False, {"x-a", "x-b"}, id="own-several-lines"),
+        P([("X-Client-Connection", "keep-alive, X-Hop")], False, set(), id="relayed-untrusted-ignored"),
+        P([("X-Client-Connection", "keep-alive, X-Hop")], True, {"keep-alive", "x-hop"}, id="relayed-trusted"),
+        P([("x-CLIENT-connection", "X-Hop")], True, {"x-hop"}, id="relayed-name-any-case"),
+        P([("Connection", "x-a"), ("X-Client-Connection", "x-b")], True, {"x-a", "x-b"}, id="own-and-relayed"),
+        P([("Connection", "x-a"), ("X-Client-Connection", "x-b")], False, {"x-a"}, id="own-and-relayed-untrusted"),
+        P(
+            [("X-Client-Connection", "X-Forwarded-For, x-real-ip, X-Hop")],
+            True,
+            {"x-hop"},
+            id="relayed-never-names-the-fronts-own-headers",
+        ),
+        P(
+            [("Connection", "X-Forwarded-For, X-Real-IP")],
+            False,
+            {"x-forwarded-for", "x-real-ip"},
+            id="own-connection-may-name-them-gunicorn-alone",
+        ),
+        P([("X-Client-Connection", "")], True, set(), id="relayed-empty"),
+        P([("X-Client-Connection", " , ,")], True, set(), id="relayed-only-commas"),
+        P([("X-Hop", "1")], True, set(), id="none"),
+        P([], True, set(), id="empty"),
+    ],
+)
+def test_client_hop_names(caller, trust_front, expected):
+    assert client_hop_names(caller, trust_front) == frozenset(expected)
+
+
+# Behind the site: nginx removed Connection and relayed its value in X-Client-Connection.
+BEHIND_FRONT = [
+    ("X-Client-Connection", "keep-alive, X-Client-Hop, HTTP2-Settings, X-Forwarded-For, X-Real-IP"),
+    ("X-Client-Hop", "1"),
+    ("X-Real-Ip", "203.0.113.7"),
+    ("X-Forwarded-For", "203.0.113.7"),
+    ("X-Keep", "2"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        P(
+            dict(caller=BEHIND_FRONT, forward_all=True, peer="127.0.0.1", trust_front=True),
+            [("X-Forwarded-For", "203.0.113.7, 127.0.0.1"), ("X-Keep", "2"), ("X-Real-Ip", "203.0.113.7")],
+            id="trusted-drops-named-keeps-front-set",
+        ),
+        P(
+            dict(caller=BEHIND_FRONT, forward_all=True, peer="127.0.0.1", trust_front=False),
+            [("X-Client-Hop", "1"), ("X-Forwarded-For", "203.0.113.7, 127.0.0.1"), ("X-Keep", "2"), ("X-Real-Ip", "203.0.113.7")],
+            id="untrusted-ignores-it-and-never-forwards-it",
+        ),
+        P(
+            dict(
+                caller=[("X-Client-Connection", "authorization, x-api-version"), ("X-Api-Version", "1")],
+                configured=[("Authorization", "Bearer up"), ("X-Api-Version", "2")],
+                forward_all=True,
+                trust_front=True,
+            ),
+            [("Authorization", "Bearer up"), ("X-Api-Version", "2")],
+            id="trusted-cannot-remove-configured-headers",
+        ),
+        P(
+            dict(caller=[("X-Client-Connection", "anthropic-beta"), ("X-Pass-Anthropic-Beta", "b"), ("X-Pass-Ok", "1")], trust_front=True),
+            [("Ok", "1")],
+            id="trusted-named-header-not-smuggled-via-x-pass",
+        ),
+        P(
+            dict(caller=[("X-Client-Connection", "content-type"), ("Content-Type", "a/b"), ("Accept", "*/*")], trust_front=True),
+            [("Accept", "*/*")],
+            id="trusted-applies-without-forward-headers",
+        ),
+    ],
+)
+def test_outbound_headers_behind_the_front(kwargs, expected):
+    assert out(**kwargs) == expected
+
+
+@pytest.mark.parametrize("setting", [P(False, id="off"), P(True, id="on")])
+def test_outbound_headers_default_follows_the_setting(monkeypatch, setting):
+    monkeypatch.setattr(proxy_app.headers, "TRUST_CLIENT_CONNECTION", setting)
+    caller = [("X-Client-Connection", "x-hop"), ("X-Hop", "1"), ("X-Keep", "2")]
+    result = outbound_headers(caller, (), frozenset(), True, None)
+    assert result == ([("X-Keep", "2")] if setting else [("X-Hop", "1"), ("X-Keep", "2")])
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [P(None, False, id="unset"), P("", False, id="empty"), P("0", False, id="zero"), P("1", True, id="one"), P("true", True, id="true")],
+)
+def test_trust_setting_is_read_from_the_environment(value, expected):
+    env = {k: v for k, v in os.environ.items() if k != "PROXY_TRUST_CLIENT_CONNECTION"}
+    if value is not None:
+        env["PROXY_TRUST_CLIENT_CONNECTION"] = value
+    code = "import proxy_app.headers as h; print(h.TRUST_CLIENT_CONNECTION)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(expected)
 
 
 @pytest.mark.parametrize("forward_all", [P(False, id="default"), P(True, id="forward")])
@@ -293,7 +412,7 @@ def test_response_headers(upstream, expected):
     assert response_headers(upstream) == expected
 
 
-HOP_BY_HOP = ["Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade"]
+HOP_BY_HOP = ["Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade", "HTTP2-Settings"]
 
 
 @pytest.mark.parametrize("name", [*HOP_BY_HOP, *(n.lower() for n in HOP_BY_HOP)])

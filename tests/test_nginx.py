@@ -4,6 +4,8 @@ real gunicorn (deploy/gunicorn.conf.py), in front of a recording upstream.
 The site file is used as shipped, except for two substitutions: its ``listen 80;`` becomes
 a free loopback port and its ``server 127.0.0.1:4000;`` becomes the test gunicorn's port. It
 is wrapped in a minimal main config whose pid, logs and temp paths all live in tmp_path.
+(The error-page tests make one or two more, named where they are made, each required to
+match exactly once.)
 
 Without nginx on the machine these tests are skipped, except under CI (the ``CI``
 environment variable is set), where nginx is installed and a missing one is a failure.
@@ -21,6 +23,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,10 +31,12 @@ import pytest
 
 from tests.gunicorn_proc import ROOT
 from tests.gunicorn_proc import run_gunicorn
+from tests.gunicorn_proc import stop_process
 from tests.gunicorn_proc import write_config
 from tests.test_e2e import read_chunked_events
 from tests.upstream import fixed
 from tests.upstream import sse
+from tests.upstream import stall
 from tests.upstream import wait_sent
 
 SITE = ROOT / "deploy" / "nginx.conf"
@@ -40,6 +45,8 @@ UPSTREAM_SERVER = "server 127.0.0.1:4000;"
 START_TIMEOUT = 15.0
 FIFTY_MIB = 50 * 1024 * 1024
 BLOCK = bytes(range(256)) * 256  # 64 KiB
+# The production setting for gunicorn behind this site (deploy/nginx.conf, X-Client-Connection).
+TRUST_FRONT_ENV = {"PROXY_TRUST_CLIENT_CONNECTION": "1"}
 
 
 # --------------------------------------------------------------------------
@@ -87,13 +94,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def replace_once(text: str, old: str, new: str) -> str:
+    assert text.count(old) == 1, f"{SITE} must contain {old!r} exactly once"
+    return text.replace(old, new)
+
+
 def site_config(listen_port: int, gunicorn_port: int) -> str:
     """deploy/nginx.conf with the two test substitutions, each required exactly once."""
     text = SITE.read_text()
-    assert text.count(LISTEN) == 1, f"{SITE} must contain {LISTEN!r} exactly once"
-    assert text.count(UPSTREAM_SERVER) == 1, f"{SITE} must contain {UPSTREAM_SERVER!r} exactly once"
-    text = text.replace(LISTEN, f"listen 127.0.0.1:{listen_port};")
-    return text.replace(UPSTREAM_SERVER, f"server 127.0.0.1:{gunicorn_port};")
+    text = replace_once(text, LISTEN, f"listen 127.0.0.1:{listen_port};")
+    return replace_once(text, UPSTREAM_SERVER, f"server 127.0.0.1:{gunicorn_port};")
 
 
 def main_config(prefix: Path, site: Path) -> str:
@@ -125,8 +135,11 @@ def main_config(prefix: Path, site: Path) -> str:
 
 
 @contextmanager
-def run_nginx(nginx: str, directory: Path, gunicorn_port: int):
-    """Start nginx with the site in front of gunicorn_port; yield once it answers."""
+def run_nginx(nginx: str, directory: Path, gunicorn_port: int, edit: Callable[[str], str] | None = None):
+    """Start nginx with the site in front of gunicorn_port; yield once it answers.
+
+    ``edit``, if given, rewrites the rendered site text (a test-only change).
+    """
     prefix = directory / "nginx"
     prefix.mkdir()
     for attempt in range(3):
@@ -134,7 +147,8 @@ def run_nginx(nginx: str, directory: Path, gunicorn_port: int):
         # "Address already in use" start is retried with a new port.
         port = free_port()
         site = prefix / "site.conf"
-        site.write_text(site_config(port, gunicorn_port))
+        text = site_config(port, gunicorn_port)
+        site.write_text(edit(text) if edit else text)
         conf = prefix / "main.conf"
         conf.write_text(main_config(prefix, site))
         with open(prefix / "stderr.log", "wb") as stderr:
@@ -200,19 +214,24 @@ def _stop(proc: subprocess.Popen) -> None:
 # --------------------------------------------------------------------------
 
 
+@contextmanager
+def run_stack(tmp_path: Path, proxy_env: dict, nginx_bin: str, endpoints: list, edit: Callable[[str], str] | None = None):
+    """gunicorn with these endpoints, set up as in production, and the site in front of it."""
+    config = {"general_settings": {"pass_through_endpoints": endpoints}}
+    with run_gunicorn(write_config(tmp_path, config), {**proxy_env, **TRUST_FRONT_ENV}) as gunicorn:
+        with run_nginx(nginx_bin, tmp_path, gunicorn.port, edit) as nginx:
+            yield gunicorn, nginx
+
+
 @pytest.fixture
 def stack(tmp_path, upstream, proxy_env, nginx_bin):
-    config = {
-        "general_settings": {
-            "pass_through_endpoints": [
-                {"path": "/s", "target": upstream.url + "/stream"},
-                {"path": "/up", "target": upstream.url + "/up"},
-            ]
-        }
-    }
-    with run_gunicorn(write_config(tmp_path, config), proxy_env) as gunicorn:
-        with run_nginx(nginx_bin, tmp_path, gunicorn.port) as nginx:
-            yield gunicorn, nginx
+    endpoints = [
+        {"path": "/s", "target": upstream.url + "/stream"},
+        {"path": "/up", "target": upstream.url + "/up"},
+        {"path": "/fwd", "target": upstream.url + "/fwd", "forward_headers": True},
+    ]
+    with run_stack(tmp_path, proxy_env, nginx_bin, endpoints) as (gunicorn, nginx):
+        yield gunicorn, nginx
 
 
 class Tap:
@@ -332,7 +351,7 @@ def test_content_length_body_is_relayed_as_it_arrives_through_nginx(upstream, st
     # Not chunked, so nginx cannot see event boundaries: with proxy_buffering on, nginx 1.22
     # holds such a body until its buffer fills or the body ends (chunked responses happen to
     # flow either way). This is what the site's `proxy_buffering off` is checked by.
-    gunicorn, nginx = stack
+    _gunicorn, nginx = stack
     pieces = [b'{"n":%d}\n' % i for i in range(4)]
     handler = upstream.route("/stream", paced_content_length(pieces, interval=0.4))
     arrived = []
@@ -358,7 +377,7 @@ def test_content_length_body_is_relayed_as_it_arrives_through_nginx(upstream, st
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_fifty_mib_upload_streams_through_nginx(upstream, stack, chunked):
-    gunicorn, nginx = stack
+    _gunicorn, nginx = stack
     blocks = (BLOCK for _ in range(FIFTY_MIB // len(BLOCK)))
     expected = hashlib.sha256(BLOCK * (FIFTY_MIB // len(BLOCK))).hexdigest()
     first_part = 16  # blocks (1 MiB) sent before checking that the request already moved on
@@ -404,7 +423,7 @@ def test_fifty_mib_upload_streams_through_nginx(upstream, stack, chunked):
 
 
 def test_health_endpoints_answer_through_nginx(stack):
-    gunicorn, nginx = stack
+    _gunicorn, nginx = stack
     conn = nginx.connection(timeout=10)  # one keep-alive connection for all three
     answers = {}
     for path in ("/health/liveliness", "/health/liveness", "/health/readiness"):
@@ -419,7 +438,7 @@ def test_health_endpoints_answer_through_nginx(stack):
 
 
 def test_metrics_only_from_localhost(stack):
-    gunicorn, nginx = stack
+    _gunicorn, nginx = stack
 
     def get(path: str, source: str) -> tuple[int, bytes]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -482,3 +501,182 @@ def test_more_slow_header_callers_than_threads_do_not_stop_others(tmp_path, upst
             for thread in slow:
                 thread.join(timeout=10)
     assert errors == []
+
+
+
+# --------------------------------------------------------------------------
+# Errors nginx makes itself: proxy_app's JSON envelope
+# --------------------------------------------------------------------------
+
+
+def exchange(port: int, method: str, path: str, headers=(), body: bytes | None = None) -> tuple[int, list, bytes]:
+    """One request with exactly these headers (after Host), in order; (status, headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", "llm-proxy.example.internal")
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.getheaders(), response.read()
+    finally:
+        conn.close()
+
+
+def header(headers: list, name: str) -> str | None:
+    values = [value for key, value in headers if key.lower() == name.lower()]
+    assert len(values) <= 1, (name, headers)
+    return values[0] if values else None
+
+
+def assert_nginx_json_error(status: int, headers: list, body: bytes, code: int, kind: str, log: str) -> None:
+    """The site's error page: the envelope of proxy_app/errors.py error_response, byte-compact."""
+    assert status == code, (status, body, log)
+    assert header(headers, "Content-Type") == "application/json", headers
+    assert header(headers, "x-litellm-call-id") is None, headers  # nginx's, not proxy_app's
+    error = json.loads(body)
+    assert json.dumps(error, separators=(",", ":")).encode() == body  # the app's compact form
+    assert list(error) == ["error"] and list(error["error"]) == ["message", "type", "param", "code"], error
+    message = error["error"]["message"]
+    assert error["error"]["type"] == kind and error["error"]["param"] is None
+    assert error["error"]["code"] == str(code)
+    assert message.startswith("The proxy") and message.endswith("."), message
+    assert "nginx" not in message and "127.0.0.1" not in message, message
+
+
+def test_gunicorn_down_answers_json_502_through_nginx(upstream, stack):
+    gunicorn, nginx = stack
+    stop_process(gunicorn.proc)  # by PID; run_gunicorn's own stop then finds it gone
+    assert gunicorn.proc.poll() is not None
+    for method, path, body in (("GET", "/s", None), ("POST", "/up", b'{"model":"x"}'), ("GET", "/health/readiness", None)):
+        status, headers, answer = exchange(nginx.port, method, path, [("Content-Type", "application/json")], body)
+        assert_nginx_json_error(status, headers, answer, 502, "proxy_unavailable", nginx.log())
+    assert upstream.requests == []
+
+
+READ_TIMEOUT = "proxy_read_timeout 630s;"
+ROOT_LOCATION = "    location / {\n"
+NGINX_503_PATH = "/nginx-test-503"
+
+
+def short_timeout_and_503(text: str) -> str:
+    """Test-only site edits: a 1 s read timeout (a 504 in a second, not 630) and a location
+    where nginx itself answers 503, as it does for a limit_req or limit_conn refusal."""
+    text = replace_once(text, READ_TIMEOUT, "proxy_read_timeout 1s;")
+    return replace_once(text, ROOT_LOCATION, f"    location = {NGINX_503_PATH} {{\n        return 503;\n    }}\n\n{ROOT_LOCATION}")
+
+
+def test_nginx_503_and_504_answer_json(tmp_path, upstream, proxy_env, nginx_bin):
+    upstream.route("/slow", stall(3.0))
+    endpoints = [{"path": "/slow", "target": upstream.url + "/slow"}]
+    with run_stack(tmp_path, proxy_env, nginx_bin, endpoints, short_timeout_and_503) as (_gunicorn, nginx):
+        for method, body in (("GET", None), ("POST", b"{}")):
+            status, headers, answer = exchange(nginx.port, method, NGINX_503_PATH, body=body)
+            assert_nginx_json_error(status, headers, answer, 503, "proxy_unavailable", nginx.log())
+
+        started = time.monotonic()
+        status, headers, answer = exchange(nginx.port, "POST", "/slow", [("Content-Type", "application/json")], b"{}")
+        assert_nginx_json_error(status, headers, answer, 504, "proxy_timeout", nginx.log())
+        assert time.monotonic() - started < 2.9  # nginx's 1 s timeout, before the upstream's 3 s
+        assert upstream.wait_for_requests(1)[0].path == "/slow"
+
+
+def test_proxy_app_own_and_relayed_errors_pass_through_nginx_unchanged(tmp_path, upstream, proxy_env, nginx_bin):
+    # error_page must not touch a 502/503/504 that came from gunicorn (proxy_intercept_errors
+    # off): proxy_app's own errors and the upstream's are relayed with their own bodies.
+    upstream.route("/slow", stall(3.0))
+    relayed = {}
+    for code in (502, 503, 504):
+        relayed[code] = b"<html><body>upstream says %d</body></html>" % code
+        upstream.route(f"/u{code}", fixed(code, [("Content-Type", "text/html"), ("Content-Length", str(len(relayed[code])))], relayed[code]))
+    endpoints = [
+        {"path": "/down", "target": f"http://127.0.0.1:{free_port()}/x"},  # nothing listens: proxy_app's 502
+        {"path": "/slow", "target": upstream.url + "/slow", "timeout": 0.5},  # proxy_app's 504
+        *({"path": f"/u{code}", "target": upstream.url + f"/u{code}"} for code in relayed),
+    ]
+    with run_stack(tmp_path, proxy_env, nginx_bin, endpoints) as (gunicorn, nginx):
+        for path, code in (("/down", 502), ("/slow", 504), ("/u502", 502), ("/u503", 503), ("/u504", 504)):
+            via_nginx = exchange(nginx.port, "GET", path)
+            direct = exchange(gunicorn.port, "GET", path)
+            for status, headers, body in (via_nginx, direct):
+                assert status == code, (path, status, body, nginx.log())
+                assert header(headers, "x-litellm-call-id"), (path, headers)  # proxy_app answered
+            assert via_nginx[2] == direct[2], path
+            assert header(via_nginx[1], "Content-Type") == header(direct[1], "Content-Type"), path
+            if path.startswith("/u"):
+                assert via_nginx[2] == relayed[code] and header(via_nginx[1], "Content-Type") == "text/html"
+            else:
+                error = json.loads(via_nginx[2])["error"]
+                assert error["type"] in ("upstream_error", "upstream_timeout") and error["code"] == str(code), error
+
+
+# --------------------------------------------------------------------------
+# Hop-by-hop request headers behind the site
+# --------------------------------------------------------------------------
+
+# Each of these describes the caller's connection to the front; none may reach the upstream.
+HOP_HEADERS = [
+    ("Connection", "keep-alive, X-Client-Hop, HTTP2-Settings, Upgrade, X-Real-IP, X-Forwarded-For"),
+    ("X-Client-Hop", "1"),
+    ("Upgrade", "h2c"),
+    ("HTTP2-Settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+    ("TE", "trailers"),
+    ("Keep-Alive", "timeout=5"),
+    ("Proxy-Connection", "keep-alive"),
+    ("Trailer", "X-Checksum"),
+    ("Proxy-Authorization", "Basic dXNlcjpwYXNz"),
+]
+
+
+def names_seen(upstream, count: int) -> list[list[str]]:
+    """Header names, exactly as the upstream received them, of its first `count` requests."""
+    return [[name for name, _ in seen.headers] for seen in upstream.wait_for_requests(count)]
+
+
+def test_hop_by_hop_headers_stop_at_the_front_as_with_gunicorn_alone(upstream, stack):
+    gunicorn, nginx = stack
+    caller = [
+        *HOP_HEADERS,
+        # A caller naming the front's own headers in Connection cannot take them away: the
+        # site sets X-Real-IP and X-Forwarded-For itself, after the caller's hop.
+        ("X-Real-IP", "6.6.6.6"),
+        ("X-Forwarded-For", "5.5.5.5"),
+        ("X-Keep", "2"),
+    ]
+    # A forged X-Client-Connection naming X-Keep: the site replaces it with the caller's
+    # real Connection value, so X-Keep still arrives.
+    forged = [("X-Client-Connection", "x-keep")]
+    assert exchange(nginx.port, "GET", "/fwd", caller + forged)[0] == 200
+    assert exchange(gunicorn.port, "GET", "/fwd", caller)[0] == 200  # gunicorn alone
+    via_nginx, alone = upstream.wait_for_requests(2)
+    assert names_seen(upstream, 2) == [
+        ["Host", "X-Real-Ip", "X-Keep", "X-Forwarded-For"],
+        ["Host", "X-Keep", "X-Forwarded-For"],
+    ]
+    assert via_nginx.header("x-real-ip") == "127.0.0.1"  # the site's $remote_addr
+    # The caller's claim, the site's $remote_addr, and proxy_app's peer (nginx).
+    assert via_nginx.header("x-forwarded-for") == "5.5.5.5, 127.0.0.1, 127.0.0.1"
+    assert alone.header("x-forwarded-for") == "127.0.0.1"  # the caller named it: only the peer
+
+
+def test_fixed_hop_by_hop_headers_stop_at_the_front_without_connection(upstream, stack):
+    # No Connection header at all: the fixed hop-by-hop names still never arrive, and a
+    # caller's own X-Client-Connection is still removed (with $http_connection empty, nginx
+    # sends no X-Client-Connection, and never the caller's), so X-Keep arrives.
+    _gunicorn, nginx = stack
+    caller = [*HOP_HEADERS[2:], ("X-Client-Connection", "x-keep"), ("X-Keep", "2")]
+    assert exchange(nginx.port, "GET", "/fwd", caller)[0] == 200
+    assert names_seen(upstream, 1) == [["Host", "X-Real-Ip", "X-Keep", "X-Forwarded-For"]]
+
+
+def test_without_the_trust_setting_a_sent_x_client_connection_is_ignored(tmp_path, upstream, proxy_env):
+    # gunicorn exposed alone, as by default: X-Client-Connection means nothing and goes nowhere.
+    config = {"general_settings": {"pass_through_endpoints": [{"path": "/fwd", "target": upstream.url + "/fwd", "forward_headers": True}]}}
+    env = {key: value for key, value in proxy_env.items() if key not in TRUST_FRONT_ENV}
+    with run_gunicorn(write_config(tmp_path, config), env) as gunicorn:
+        caller = [("X-Client-Connection", "x-keep, x-other"), ("X-Keep", "2"), ("X-Other", "3")]
+        assert exchange(gunicorn.port, "GET", "/fwd", caller)[0] == 200
+    assert names_seen(upstream, 1) == [["Host", "X-Keep", "X-Other", "X-Forwarded-For"]]
