@@ -10,7 +10,7 @@ What runs (everything on 127.0.0.1, ports picked by the OS, every load bounded i
 - the proxy: the production stack, ``gunicorn -c deploy/gunicorn.conf.py -w 1``, with a
   config whose ``/bench/rerank`` forwards to the upstream and injects ``Authorization``;
 - the load: ``h2load`` (Debian's nghttp2-client) in closed loop, ``--h1``, one thread,
-  a ~300-byte JSON POST like the seed's rerank call.
+  a ~300-byte JSON POST like the example config's Cohere rerank call.
 
 With two or more cores the proxy is pinned to CPU 1 and the upstream and h2load to CPU 0
 (``taskset``), so the numbers read as "what one core of the proxy does". The same load

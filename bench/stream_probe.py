@@ -25,15 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.gunicorn_proc import reset_peak  # noqa: E402
-from tests.gunicorn_proc import run_gunicorn  # noqa: E402
-from tests.gunicorn_proc import status_kib  # noqa: E402
-from tests.gunicorn_proc import write_config  # noqa: E402
-from tests.test_e2e import read_chunked_events  # noqa: E402
-from tests.upstream import Upstream  # noqa: E402
-from tests.upstream import big_download  # noqa: E402
-from tests.upstream import sse  # noqa: E402
-from tests.upstream import wait_sent  # noqa: E402
+from tests.gunicorn_proc import reset_peak
+from tests.gunicorn_proc import run_gunicorn
+from tests.gunicorn_proc import status_kib
+from tests.gunicorn_proc import write_config
+from tests.test_e2e import read_chunked_events
+from tests.upstream import Upstream
+from tests.upstream import big_download
+from tests.upstream import sse
+from tests.upstream import wait_sent
 
 
 def upload(server, size: int, chunked: bool) -> float:
@@ -97,7 +97,7 @@ def main() -> None:
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
                 sock.sendall(b"GET /sse HTTP/1.1\r\nHost: x\r\n\r\n")
                 received = read_chunked_events(sock, len(events), time.monotonic() + 30)
-            delays = [(at - sent) * 1000 for (_, at), sent in zip(received, wait_sent(handler, len(events)))]
+            delays = [(at - sent) * 1000 for (_, at), sent in zip(received, wait_sent(handler, len(events)), strict=False)]
             print(
                 f"SSE {len(delays)} events, {args.interval * 1000:.0f} ms apart: delay upstream write -> caller read "
                 f"median {statistics.median(delays):.2f} ms, first {delays[0]:.2f} ms, max {max(delays):.2f} ms"

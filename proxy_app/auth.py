@@ -1,4 +1,4 @@
-"""Proxy-key checks (SPEC §6): which caller headers carry the master key.
+"""Proxy-key checks: which caller headers carry the master key.
 
 The key may come in ``Authorization: Bearer <key>``, in ``x-litellm-api-key`` (with or
 without ``Bearer ``) or in the endpoint's ``litellm_user_api_key`` header. Comparison is

@@ -1,6 +1,6 @@
 """The caller's request body: framing rules, streaming readers, and settling what is unread.
 
-The body is streamed to the upstream as it arrives, never held whole (SPEC §3). Framing is
+The body is streamed to the upstream as it arrives, never held whole. Framing is
 checked before anything is sent: Content-Length *or* ``Transfer-Encoding: chunked``,
 never both, never another coding (RFC 9112 §6.1: the smuggling pair). A body that ends
 early or breaks its chunked framing mid-stream raises :class:`BadRequestBody`, so the
@@ -17,7 +17,7 @@ import time
 # 64 KiB steps: large enough for throughput, small enough that memory stays flat.
 CHUNK_SIZE = 64 * 1024
 # The largest recv() gunicorn makes for a request body (its default: 1 MiB), set by the
-# worker (worker.ProxyThreadWorker.init_process).
+# worker (patches.py, "body_recv_size").
 MAX_BODY_RECV = 256 * 1024
 # A Content-Length body is read from gunicorn in blocks of this size. gunicorn's reader
 # receives a large piece at a time and, on every smaller read, copies what is left of it
@@ -61,7 +61,7 @@ class LengthLimitedBody:
             size = self._remaining
         try:
             data = self._stream.read(size)
-        except Exception as exc:  # gunicorn's parser errors, a reset socket, a timeout
+        except Exception as exc:  # noqa: BLE001 - gunicorn's parser errors, a reset socket, a timeout
             raise BadRequestBody(f"request body unreadable: {type(exc).__name__}") from None
         if not data:
             raise BadRequestBody(f"request body ended {self._remaining} bytes short of its Content-Length")
@@ -86,7 +86,7 @@ def chunked_body(stream, limit: int = MAX_BODY_BYTES, size: int = CHUNK_SIZE):
     while True:
         try:
             data = stream.read(size)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - gunicorn's chunk parser raises several kinds
             raise BadRequestBody(f"chunked request body invalid: {type(exc).__name__}") from None
         if not data:
             return
@@ -146,7 +146,7 @@ def drain(environ, limit: int = DRAIN_LIMIT) -> bool:
             if not data:
                 return True
             remaining -= len(data)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unreadable body is simply not drained
         return False
     return False
 

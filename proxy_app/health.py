@@ -1,13 +1,12 @@
-"""Health endpoints (SPEC §7): no auth, no upstream call, LiteLLM's answers."""
+"""Health endpoints: no auth, no upstream call, LiteLLM's answers."""
 
 from __future__ import annotations
 
 from flask import Response
 
 
-
 def init_app(app, settings) -> None:
-    ready_body = '{"status":"healthy","db":"Not connected","endpoints":%d}' % len(settings.endpoints)
+    ready_body = f'{{"status":"healthy","db":"Not connected","endpoints":{len(settings.endpoints)}}}'
 
     def liveness():
         return Response('"I\'m alive!"', content_type="application/json")

@@ -66,10 +66,7 @@ def subpath_rest(raw_path: str, route_path: str) -> str | None:
 
 def has_dot_segment(raw_path: str) -> bool:
     """Whether any segment of the path decodes to "." or ".." (RFC 3986 §5.2.4)."""
-    for segment in _SEGMENT_SPLIT.split(unquote(raw_path)):
-        if segment.split(";", 1)[0] in (".", ".."):
-            return True
-    return False
+    return any(segment.split(";", 1)[0] in (".", "..") for segment in _SEGMENT_SPLIT.split(unquote(raw_path)))
 
 
 def join_path(target_path: str, rest: str) -> str:
@@ -93,7 +90,7 @@ def build_query(
     merge: bool,
     defaults: tuple[tuple[str, str], ...],
 ) -> str:
-    """The upstream query string (SPEC §3, "Query").
+    """The upstream query string (README, "Config reference": merge_query_params, default_query_params).
 
     The caller's raw query is kept byte for byte (order and repeated keys included). The
     target's own query is used when the caller sends none; with ``merge`` both are kept

@@ -1,4 +1,4 @@
-"""Table-driven tests of the proxy-key rules in proxy_app/auth.py (SPEC §6)."""
+"""Table-driven tests of the proxy-key rules in proxy_app/auth.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """End to end through the production stack: real gunicorn with deploy/gunicorn.conf.py.
 
-The seed's own requests (the rerank curl and the Langfuse SDK snippet), streaming, large
+The example config's own requests (the rerank curl and the Langfuse SDK snippet), streaming, large
 bodies both ways and start-up failures, each against a recording upstream on loopback.
 """
 
@@ -40,7 +40,7 @@ RERANK_ANSWER = b'{"id":"r-1","results":[{"index":1,"relevance_score":0.98},{"in
 FIFTY_MB = 50 * 1024 * 1024
 
 
-def seed_config(tmp_path, upstream):
+def example_config(tmp_path, upstream):
     """The example config.yaml, verbatim except that the two targets point at loopback."""
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     endpoints = config["general_settings"]["pass_through_endpoints"]
@@ -56,20 +56,20 @@ def seed_config(tmp_path, upstream):
 
 
 @pytest.fixture
-def seed_env(proxy_env):
+def example_env(proxy_env):
     return {**proxy_env, "COHERE_API_KEY": COHERE_KEY, "LANGFUSE_DEV_PUBLIC_KEY": LF_PUBLIC, "LANGFUSE_DEV_SK_KEY": LF_SECRET}
 
 
 @pytest.fixture
-def seed_proxy(tmp_path, upstream, seed_env):
-    with run_gunicorn(seed_config(tmp_path, upstream), seed_env) as server:
+def example_proxy(tmp_path, upstream, example_env):
+    with run_gunicorn(example_config(tmp_path, upstream), example_env) as server:
         yield server
 
 
-def test_seed_rerank_curl_reaches_cohere_with_the_env_key(upstream, seed_proxy):
+def test_example_rerank_curl_reaches_cohere_with_the_env_key(upstream, example_proxy):
     upstream.route("/v1/rerank", fixed(200, [("Content-Type", "application/json")], RERANK_ANSWER))
-    conn = seed_proxy.connection()
-    # The seed's curl: no proxy key, although master_key: sk-1234 is set.
+    conn = example_proxy.connection()
+    # The example's curl: no proxy key, although master_key: sk-1234 is set.
     conn.request(
         "POST",
         "/v1/rerank",
@@ -87,16 +87,16 @@ def test_seed_rerank_curl_reaches_cohere_with_the_env_key(upstream, seed_proxy):
     assert seen.header("user-agent") is None
 
 
-def test_seed_langfuse_sdk_reaches_ingestion_with_env_credentials(upstream, seed_proxy, proxy_env):
+def test_example_langfuse_sdk_reaches_ingestion_with_env_credentials(upstream, example_proxy, proxy_env):
     upstream.route(
         "/api/public/ingestion",
         fixed(207, [("Content-Type", "application/json")], b'{"successes":[],"errors":[]}'),
     )
-    # The seed's snippet, run as its own program (the SDK starts background threads).
+    # The Langfuse SDK snippet, run as its own program (the SDK starts background threads).
     snippet = (
         "from langfuse import Langfuse\n"
-        f"langfuse = Langfuse(host={seed_proxy.url!r}, public_key='anything', secret_key='anything')\n"
-        "langfuse.trace(name='seed-trace')\n"
+        f"langfuse = Langfuse(host={example_proxy.url!r}, public_key='anything', secret_key='anything')\n"
+        "langfuse.trace(name='example-trace')\n"
         "langfuse.flush()\n"
     )
     env = {k: v for k, v in proxy_env.items() if not k.startswith("LANGFUSE")}
@@ -107,9 +107,9 @@ def test_seed_langfuse_sdk_reaches_ingestion_with_env_credentials(upstream, seed
     expected = "Basic " + base64.b64encode(f"{LF_PUBLIC}:{LF_SECRET}".encode()).decode()
     assert seen.header_all("authorization") == [expected]
     batch = json.loads(seen.body)["batch"]
-    assert [event["body"]["name"] for event in batch if event["type"] == "trace-create"] == ["seed-trace"]
+    assert [event["body"]["name"] for event in batch if event["type"] == "trace-create"] == ["example-trace"]
 
-    conn = seed_proxy.connection()
+    conn = example_proxy.connection()
     conn.request("POST", "/api/public/ingestion", body=b'{"batch":[]}', headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     assert (response.status, response.reason) == (207, "Multi-Status")

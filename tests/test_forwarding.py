@@ -358,7 +358,7 @@ def test_upstream_cookies_are_not_replayed(upstream, make_client):
     client = make_client(endpoint(upstream))
     client.get("/p")
     client.get("/p")
-    first, second = upstream.wait_for_requests(2)
+    _first, second = upstream.wait_for_requests(2)
     assert second.header("cookie") is None
 
 

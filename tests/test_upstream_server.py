@@ -12,10 +12,15 @@ import time
 
 import pytest
 
-from tests.upstream import (
-    Upstream, big_download, close_without_response, die_mid_body, fixed,
-    pattern_bytes, pattern_sha256, sse, stall,
-)  # fmt: skip
+from tests.upstream import Upstream
+from tests.upstream import big_download
+from tests.upstream import close_without_response
+from tests.upstream import die_mid_body
+from tests.upstream import fixed
+from tests.upstream import pattern_bytes
+from tests.upstream import pattern_sha256
+from tests.upstream import sse
+from tests.upstream import stall
 
 TIMEOUT = 5.0
 
@@ -267,11 +272,11 @@ def test_sse_sends_one_chunk_per_event_with_the_interval(up):
     assert head == b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
     assert received == events
     assert len(handler.sent_at) == 3
-    gaps = [b - a for a, b in zip(handler.sent_at, handler.sent_at[1:])]
+    gaps = [b - a for a, b in zip(handler.sent_at, handler.sent_at[1:], strict=False)]
     assert all(0.28 <= gap < 1.0 for gap in gaps), gaps
     # Each event arrives as soon as it is written, not batched at the end.  The
     # reader may even win the race with the handler's sent_at.append().
-    lags = [read - sent for sent, read in zip(handler.sent_at, read_at)]
+    lags = [read - sent for sent, read in zip(handler.sent_at, read_at, strict=False)]
     assert all(abs(lag) < 0.1 for lag in lags), lags
 
 

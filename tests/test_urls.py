@@ -1,4 +1,4 @@
-"""Table-driven tests of the pure URL rules in proxy_app/urls.py (SPEC §2 and §3, "URL", "Query")."""
+"""Table-driven tests of the pure URL rules in proxy_app/urls.py."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from proxy_app.urls import build_query
 from proxy_app.urls import has_dot_segment
 from proxy_app.urls import join_path
+from proxy_app.urls import request_target
 from proxy_app.urls import split_request_target
 from proxy_app.urls import subpath_rest
-from proxy_app.urls import request_target
 
 P = pytest.param
 

@@ -23,7 +23,8 @@ import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 DEFAULT_TIMEOUT = 10.0
 MAX_HEAD = 64 * 1024
@@ -315,7 +316,7 @@ def _may_have_body(status: int) -> bool:
 class Writer:
     """What a handler uses to answer; wraps the client socket."""
 
-    def __init__(self, conn: "_Connection"):
+    def __init__(self, conn: _Connection):
         self._conn = conn
         self.closed = False
         self.wants_close = False  # a response said "Connection: close"
@@ -472,7 +473,7 @@ def big_download(n_bytes: int, chunk: int = 65536, content_type="application/oct
 class _Connection:
     """Serves the requests of one accepted socket, in its own thread."""
 
-    def __init__(self, server: "Upstream", sock: socket.socket, conn_id: int):
+    def __init__(self, server: Upstream, sock: socket.socket, conn_id: int):
         self.server = server
         self.sock = sock
         self.conn_id = conn_id
@@ -639,7 +640,7 @@ class Upstream:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self) -> "Upstream":
+    def start(self) -> Upstream:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.host, 0))
@@ -681,7 +682,7 @@ class Upstream:
     def stopping(self) -> bool:
         return self._stop_event.is_set()
 
-    def __enter__(self) -> "Upstream":
+    def __enter__(self) -> Upstream:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
