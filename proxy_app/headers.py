@@ -130,7 +130,7 @@ def client_hop_names(caller: Iterable[tuple[str, str]], trust_front: bool) -> fr
             own.append(value)
         elif lower == CLIENT_CONNECTION:
             relayed.append(value)
-    names = connection_tokens(own)
+    names = connection_tokens(own) if own else frozenset()
     if trust_front and relayed:
         names = names | (connection_tokens(relayed) - FRONT_SET)
     return names
@@ -173,7 +173,10 @@ def outbound_headers(
     """
     if trust_front is None:
         trust_front = TRUST_CLIENT_CONNECTION
-    drop = NEVER_FORWARDED | consumed | configured_names | client_hop_names(caller, trust_front)
+    drop = NEVER_FORWARDED | consumed | configured_names
+    hop = client_hop_names(caller, trust_front)
+    if hop:
+        drop = drop | hop
     chosen: dict[str, tuple[str, str]] = {}
     renamed: dict[str, tuple[str, str]] = {}
     forwarded_for = None

@@ -14,7 +14,8 @@ What they make sure of:
   request that may have reached the upstream is never resent).
 - A 3xx is relayed, never followed and its body never read: ``Session.send`` asks
   ``get_redirect_target`` even with ``allow_redirects=False`` and, given a location, reads
-  the whole body to prepare the next hop. :class:`ProxySession` answers None.
+  the whole body to prepare the next hop. :class:`ProxySession` answers None (and its
+  ``resolve_redirects``, which Session.send calls, yields nothing).
 - The request target reaches urllib3 as the caller sent it: the request is an
   :class:`UpstreamRequest` built from parts the proxy validated (``prepare()`` would
   re-encode the URL), and ``request_url`` returns that target.
@@ -23,6 +24,7 @@ What they make sure of:
 
 from __future__ import annotations
 
+import datetime
 import os
 import threading
 
@@ -53,6 +55,10 @@ class NoCookies(RequestsCookieJar):
         return None
 
 
+_SHARED_NO_COOKIES = NoCookies()
+_NO_TIME = datetime.timedelta(0)
+
+
 class OutgoingHeaders(dict):
     """The outgoing header fields, names unique and as written (what urllib3 iterates),
     with the case-insensitive membership test ``HTTPAdapter.send`` uses to choose between
@@ -66,6 +72,33 @@ class OutgoingHeaders(dict):
 
     def __contains__(self, name) -> bool:
         return name.lower() in self._names
+
+
+class RelayedResponse(requests.Response):
+    """requests' Response for an answer the proxy relays from ``raw`` itself.
+
+    requests' constructor builds an empty cookie jar (a lock and a cookie policy) and an
+    empty header dict for every response: about 5 us per request for a Response whose
+    cookies nobody reads (Set-Cookie is relayed, never stored) and whose headers are
+    urllib3's. This constructor sets the same attributes, sharing one empty jar that keeps
+    nothing. tests/test_upstream_session.py compares the attributes with requests' own, so a
+    requests release that adds one fails there, not in production.
+    """
+
+    def __init__(self):  # requests' attributes, in requests' order
+        self._content = False
+        self._content_consumed = False
+        self._next = None
+        self.status_code = None
+        self.headers = None
+        self.raw = None
+        self.url = None
+        self.encoding = None
+        self.history = []
+        self.reason = None
+        self.cookies = _SHARED_NO_COOKIES
+        self.elapsed = _NO_TIME
+        self.request = None
 
 
 class UpstreamRequest(requests.PreparedRequest):
@@ -151,7 +184,7 @@ class ProxyAdapter(HTTPAdapter):
         # encoding and parses Set-Cookie into a jar for this Response: about 10 us per
         # request for things the relay never reads (it relays resp, response.raw, itself).
         # urllib3's header dict is case-insensitive too.
-        response = requests.Response()
+        response = RelayedResponse()
         response.status_code = resp.status
         response.headers = resp.headers
         response.raw = resp
@@ -177,9 +210,21 @@ class ProxySession(requests.Session):
         self.max_redirects = 0
         self.mount("http://", adapter)
         self.mount("https://", adapter)
+        self.adapter = adapter
+
+    def get_adapter(self, url):
+        # One adapter for both schemes (the only ones a config accepts): no prefix search.
+        return self.adapter
 
     def get_redirect_target(self, resp):
+        # Never a next hop: requests then neither follows a 3xx nor reads its body (which
+        # Session.send otherwise does even with allow_redirects=False, to prepare the hop).
         return None
+
+    def resolve_redirects(self, resp, req, *args, **kwargs):
+        # What requests' own generator yields when get_redirect_target is None, without
+        # parsing the URL first (Session.send asks it once per request).
+        return iter(())
 
 
 def new_session(pool_maxsize: int, origins: int, speedups: bool | None = None) -> ProxySession:
