@@ -139,10 +139,13 @@ def describe_cause(chain: list[BaseException]) -> str:
     return type(chain[-1]).__name__
 
 
-def upstream_failure(exc: BaseException) -> UpstreamFailure:
-    kind = failure_kind(causes(exc))
+def failure_of(kind: str) -> UpstreamFailure:
     status, message = UPSTREAM_FAILURES[kind]
     return UpstreamFailure(kind, status, message)
+
+
+def upstream_failure(exc: BaseException) -> UpstreamFailure:
+    return failure_of(failure_kind(causes(exc)))
 
 
 def upstream_error_response(failure: UpstreamFailure, call_id: str) -> Response:

@@ -36,6 +36,7 @@ from proxy_app.errors import NOT_FOUND
 from proxy_app.errors import causes
 from proxy_app.errors import describe_cause
 from proxy_app.errors import error_response
+from proxy_app.errors import failure_of
 from proxy_app.errors import refuse
 from proxy_app.errors import settle_body
 from proxy_app.errors import upstream_error_response
@@ -59,7 +60,6 @@ log = logging.getLogger("proxy_app")
 
 DOT_SEGMENTS = "Dot segments ('.', '..') are not allowed in the path."
 HEADERS_TOO_LARGE = "The request headers are too large."
-BAD_UPSTREAM_HEAD = "The upstream sent a response head that cannot be relayed."
 # The caller's header block, in total: gunicorn limits each line and the line count, not
 # the sum (100 x 8 KiB would pass). nginx's default allows 32 KiB.
 MAX_HEADER_BYTES = 64 * 1024
@@ -76,7 +76,7 @@ class Refusal(Exception):
         self.headers = headers
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outgoing:
     """What goes upstream: method, path and query below the target, and the headers."""
 
@@ -202,17 +202,16 @@ class Forwarder:
             # The rest of the connection cannot be trusted to hold a next request.
             close_after_response(environ, response)
             return response
-        call_id = [("x-litellm-call-id", record.call_id)]
-        if isinstance(exc, InvalidUpstreamHeaders):
-            record.error = "invalid_response"
-            return refuse(environ, 502, BAD_UPSTREAM_HEAD, "upstream_error", call_id)
-        failure = upstream_failure(exc)
+        if isinstance(exc, InvalidUpstreamHeaders):  # relay() refused the head
+            failure, cause = failure_of("invalid_response"), str(exc)
+        else:
+            failure, cause = upstream_failure(exc), describe_cause(causes(exc))
         record.error = failure.kind
         log.warning(
             "upstream failure: endpoint %s -> %s: %s (%s)",
             endpoint.path,
             "(secret target)" if endpoint.target_is_secret else endpoint.netloc,
-            describe_cause(causes(exc)),
+            cause,
             failure.kind,
         )
         return settle_body(environ, upstream_error_response(failure, record.call_id))
