@@ -141,3 +141,23 @@ def reset_peak(pid: int) -> int:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
     return status_kib(pid, "VmRSS")
 
+
+def wait_until(predicate, timeout: float, what: str):
+    """Poll ``predicate`` until it returns something true (returned), for at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {sample with labels: value}."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 from tests.conftest import subprocess_env
+from tests.gunicorn_proc import parse_metrics
 from tests.gunicorn_proc import run_gunicorn
+from tests.gunicorn_proc import wait_until
 from tests.gunicorn_proc import write_config
 from tests.upstream import Upstream
 from tests.upstream import sse
@@ -21,25 +22,12 @@ def access_lines(log: str) -> list[dict]:
     return [line for line in lines if line["route"] == "/sse"]
 
 
-def wait_for(predicate, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def metric(server, sample: str) -> float | None:
     conn = server.connection()
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return None
+    return parse_metrics(text).get(sample)
 
 
 def test_caller_leaving_mid_stream_is_499_in_the_log_and_metrics(tmp_path):
@@ -59,7 +47,7 @@ def test_caller_leaving_mid_stream_is_499_in_the_log_and_metrics(tmp_path):
             while b"data: 0" not in received:
                 received += caller.recv(65536)
             caller.close()
-            lines = wait_for(lambda: len(access_lines(server.log())) >= 2 and access_lines(server.log()), 10, "two access lines")
+            lines = wait_until(lambda: len(access_lines(server.log())) >= 2 and access_lines(server.log()), 10, "two access lines")
             clean, left = lines[:2]
             assert (clean["route"], clean["status"], clean["upstream_error"]) == ("/sse", 200, None)
             assert (left["route"], left["status"], left["upstream_error"]) == ("/sse", 499, None)

@@ -20,8 +20,10 @@ import pytest
 
 from proxy_app.cli import main as cli_main
 from tests.conftest import SECRET
+from tests.gunicorn_proc import parse_metrics
 from tests.gunicorn_proc import run_gunicorn
 from tests.gunicorn_proc import stop_process
+from tests.gunicorn_proc import wait_until
 from tests.gunicorn_proc import write_config
 from tests.upstream import fixed
 from tests.upstream import sse
@@ -47,16 +49,6 @@ def get(port: int, path: str, headers: dict | None = None, timeout: float = 10) 
         return response.status, response.read()
     finally:
         conn.close()
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def json_lines(text: str) -> list[dict]:
@@ -292,12 +284,7 @@ def test_access_log_has_one_json_line_per_request_when_its_body_is_done(tmp_path
 def scrape(port: int) -> dict[str, float]:
     status, body = get(port, "/metrics")
     assert status == 200
-    samples = {}
-    for line in body.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
+    return parse_metrics(body.decode())
 
 
 def test_metrics_sum_over_two_workers(tmp_path, upstream, proxy_env):

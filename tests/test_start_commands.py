@@ -23,7 +23,6 @@ import subprocess
 import sys
 import sysconfig
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -31,8 +30,10 @@ import pytest
 from tests.gunicorn_proc import ROOT
 from tests.gunicorn_proc import Gunicorn
 from tests.gunicorn_proc import listener
+from tests.gunicorn_proc import parse_metrics
 from tests.gunicorn_proc import run_server
 from tests.gunicorn_proc import stop_process
+from tests.gunicorn_proc import wait_until
 from tests.gunicorn_proc import write_config
 from tests.upstream import fixed
 from tests.upstream import stall
@@ -45,16 +46,6 @@ OWN_VARIABLES = ("PROXY_BIND", "PORT", "PROMETHEUS_MULTIPROC_DIR", "prometheus_m
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def get(server: Gunicorn, path: str, timeout: float = 20) -> tuple[int, bytes]:
@@ -70,12 +61,7 @@ def get(server: Gunicorn, path: str, timeout: float = 20) -> tuple[int, bytes]:
 def scrape(server: Gunicorn) -> dict[str, float]:
     status, body = get(server, "/metrics")
     assert status == 200
-    samples = {}
-    for line in body.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
+    return parse_metrics(body.decode())
 
 
 def base_env(proxy_env: dict, tmp_path: Path) -> dict:
