@@ -36,11 +36,11 @@ from proxy_app.errors import NOT_FOUND
 from proxy_app.errors import causes
 from proxy_app.errors import describe_cause
 from proxy_app.errors import error_response
+from proxy_app.errors import failure_kind
 from proxy_app.errors import failure_of
 from proxy_app.errors import refuse
 from proxy_app.errors import settle_body
 from proxy_app.errors import upstream_error_response
-from proxy_app.errors import upstream_failure
 from proxy_app.headers import InvalidUpstreamHeaders
 from proxy_app.headers import caller_headers
 from proxy_app.headers import outbound_headers
@@ -205,7 +205,8 @@ class Forwarder:
         if isinstance(exc, InvalidUpstreamHeaders):  # relay() refused the head
             failure, cause = failure_of("invalid_response"), str(exc)
         else:
-            failure, cause = upstream_failure(exc), describe_cause(causes(exc))
+            chain = causes(exc)
+            failure, cause = failure_of(failure_kind(chain)), describe_cause(chain)
         record.error = failure.kind
         log.warning(
             "upstream failure: endpoint %s -> %s: %s (%s)",
