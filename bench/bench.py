@@ -142,6 +142,8 @@ def main() -> int:
             "COHERE_API_KEY": KEY,
             "CONFIG_FILE_PATH": str(config),
             "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
+            # The embedded SQLite database and usage spool, in the run's own directory.
+            "STATE_DIRECTORY": str(workdir / "state"),
         }
         if args.threads:
             env["PROXY_THREADS"] = args.threads

@@ -99,7 +99,10 @@ def main() -> None:
             ],
         }
     }
-    app = create_app(config, environ={})
+    # The embedded SQLite database and usage spool in a directory of their own, never here.
+    import tempfile
+
+    app = create_app(config, environ={"STATE_DIRECTORY": tempfile.mkdtemp(prefix="profile-state-")})
     base = environ_for(args.upstream_port)
     for _ in range(500):
         one(app, base)

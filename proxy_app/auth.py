@@ -47,3 +47,22 @@ def key_carriers(environ: Mapping[str, object], master_key: bytes | None, key_he
 def _matches(candidate: str, master_key: bytes) -> bool:
     # WSGI header values are latin-1 decoded; compare the bytes as they came in.
     return hmac.compare_digest(candidate.encode("latin-1", "replace"), master_key)
+
+
+def presented_key(environ: Mapping[str, object], key_header: str | None) -> tuple[str | None, str | None]:
+    """The key a caller presents and the lower-case name of the header that carried it.
+
+    LiteLLM's precedence: ``x-litellm-api-key``, then ``Authorization: Bearer``, then the
+    endpoint's ``litellm_user_api_key`` header. (None, None) when there is none.
+    """
+    litellm_key = environ.get("HTTP_X_LITELLM_API_KEY")
+    if litellm_key and _bearer(litellm_key):
+        return _bearer(litellm_key), "x-litellm-api-key"
+    authorization = environ.get("HTTP_AUTHORIZATION")
+    if authorization and authorization[:7].lower() == "bearer " and authorization[7:].strip():
+        return authorization[7:].strip(), "authorization"
+    if key_header:
+        custom = environ.get(environ_key(key_header))
+        if custom and _bearer(custom):
+            return _bearer(custom), key_header
+    return None, None

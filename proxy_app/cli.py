@@ -24,6 +24,9 @@ import logging
 import os
 import sys
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from proxy_app import migrate
 from proxy_app import package_version
 from proxy_app.bind import BindError
 from proxy_app.bind import bind_address
@@ -33,6 +36,9 @@ from proxy_app.config import config_path
 from proxy_app.config import load_config
 from proxy_app.config import print_problems
 from proxy_app.config import summary
+from proxy_app.store import describe
+from proxy_app.store import make_engine
+from proxy_app.store import sqlite_path
 
 GUNICORN_SETTINGS = "python:proxy_app.gunicorn_conf"
 WSGI_APP = "proxy_app.wsgi:app"
@@ -99,7 +105,36 @@ def check(args: argparse.Namespace) -> int:
     print(route_table(settings))
     for line in report(settings):
         print(line)
+    print(store_report(settings))
     return 0
+
+
+def store_report(settings: Settings, environ=os.environ) -> str:
+    """The database (password hidden), its schema version against this code's, and Redis.
+
+    Connecting is part of the check; an unreachable database is reported, not an error:
+    the proxy starts without it (virtual keys answer 503 until it is back).
+    """
+    head = migrate.head_version()
+    redis = "limit counters in Redis" if settings.redis_url else "limit counters in the database (no REDIS_URL)"
+    if settings.database_url is None and not os.path.exists(sqlite_path(environ)):
+        # Opening it would create it: a check leaves no state behind.
+        return f"store: {describe(None, environ)}: not created yet (created at start, schema {head}); {redis}"
+    engine = make_engine(settings.database_url, environ)
+    try:
+        version = migrate.current_version(engine)
+    except SQLAlchemyError as exc:
+        state = f"unreachable ({type(getattr(exc, 'orig', None) or exc).__name__})"
+    else:
+        if version is None:
+            state = f"no schema yet (created at start: {head})"
+        elif version == head:
+            state = f"schema {version} (up to date)"
+        else:
+            state = f"schema {version} (migrated to {head} at start)"
+    finally:
+        engine.dispose()
+    return f"store: {describe(settings.database_url, environ)}: {state}; {redis}"
 
 
 def report(settings: Settings) -> list[str]:
@@ -119,7 +154,7 @@ def route_table(settings: Settings) -> str:
                 e.path,
                 ",".join(sorted(e.methods)),
                 e.netloc or e.target,  # an unresolved os.environ/NAME target shows the reference
-                "master key" if e.auth else "open",
+                "keys" if e.auth else "open",
                 "yes" if e.include_subpath else "no",
                 ", ".join(name for name, _ in e.headers) or "-",
             )

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
+from urllib.parse import quote
 from urllib.parse import urlsplit
 
 from proxy_app.config_env import ENV_NAME_RE
@@ -76,7 +77,16 @@ UNSUPPORTED_FIELDS = {
     "guardrails": "guardrails are not supported by proxy_app; remove the field",
     "custom_auth_parser": "custom auth parsers are not supported by proxy_app; remove the field",
 }
-GENERAL_FIELDS = ("master_key", "pass_through_endpoints", "pass_through_request_timeout")
+GENERAL_FIELDS = (
+    "master_key",
+    "pass_through_endpoints",
+    "pass_through_request_timeout",
+    "database_url",
+    "key_cache_ttl",
+    "allow_requests_on_db_unavailable",
+)
+# How long a worker keeps serving a virtual key it verified while the database is unreachable.
+DEFAULT_KEY_CACHE_TTL = 60.0
 # Header names that describe the message framing or the connection: the proxy sets them
 # from the caller's request and the target URL, a configured value would corrupt framing.
 FORBIDDEN_CONFIG_HEADERS = HOP_BY_HOP | {"host", "content-length", "proxy"}
@@ -137,6 +147,12 @@ class Settings:
     # check --allow-missing-env only: os.environ/ references left unresolved. Settings
     # with any are for reporting, never for serving.
     unresolved: tuple[str, ...] = ()
+    # The store (proxy_app/store.py): None is the embedded SQLite file.
+    database_url: str | None = None
+    # Limit counters, slots and change notices in Redis; None: in the database.
+    redis_url: str | None = None
+    key_cache_ttl: float = DEFAULT_KEY_CACHE_TTL
+    allow_requests_on_db_unavailable: bool = False
 
 
 class _Unresolved(str):
@@ -146,6 +162,22 @@ class _Unresolved(str):
 def config_path(explicit: str | None = None, environ: Mapping[str, str] = os.environ) -> str:
     """The config file to read: ``--config``, else ``CONFIG_FILE_PATH``, else ``./config.yaml``."""
     return explicit or environ.get("CONFIG_FILE_PATH") or "config.yaml"
+
+
+# PostgreSQL URLs as LiteLLM users write them; SQLAlchemy's psycopg 3 spelling is accepted too.
+DATABASE_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+
+
+def redis_url(environ: Mapping[str, str]) -> str | None:
+    """``REDIS_URL``, else one built from LiteLLM's ``REDIS_HOST``/``REDIS_PORT``/``REDIS_PASSWORD``."""
+    if environ.get("REDIS_URL"):
+        return environ["REDIS_URL"]
+    host = environ.get("REDIS_HOST")
+    if not host:
+        return None
+    password = environ.get("REDIS_PASSWORD")
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{environ.get('REDIS_PORT') or 6379}/0"
 
 
 def load_config(
@@ -223,6 +255,7 @@ class _Validator:
                     general["pass_through_request_timeout"],
                     "general_settings.pass_through_request_timeout",
                 )
+        store = self.store(general)
         entries = general.get("pass_through_endpoints") or []
         if not isinstance(entries, list):
             with self.reading(ENDPOINTS_AT):
@@ -255,6 +288,7 @@ class _Validator:
             ignored=tuple(ignored),
             warnings=tuple(warnings),
             unresolved=tuple(self.unresolved),
+            **store,
         )
 
     def label(self, index: int, seen_from: str | None = None) -> str:
@@ -304,6 +338,34 @@ class _Validator:
             self.problem("general_settings.master_key", "must be a string")
             return None
         return self.resolve(str(raw), "general_settings.master_key")
+
+    def store(self, general: Mapping) -> dict:
+        """The store settings: general_settings first, then LiteLLM's environment variables."""
+        found = {}
+        raw = general.get("database_url")
+        with self.reading(("general_settings", "database_url")):
+            if raw is not None and not isinstance(raw, str):
+                self.problem("general_settings.database_url", f"must be a string, got {type(raw).__name__}")
+            elif raw:
+                found["database_url"] = self.resolve(raw, "general_settings.database_url")
+            elif self.environ.get("DATABASE_URL"):
+                found["database_url"] = self.environ["DATABASE_URL"]
+        url = found.get("database_url")
+        if url and not isinstance(url, _Unresolved) and not url.startswith(DATABASE_SCHEMES):
+            self.problem(
+                "general_settings.database_url",
+                "must be a postgresql:// URL (leave it unset for the embedded SQLite database)",
+            )
+        found["redis_url"] = redis_url(self.environ)
+        if general.get("key_cache_ttl") is not None:
+            with self.reading(("general_settings", "key_cache_ttl")):
+                found["key_cache_ttl"] = self.positive_number(general["key_cache_ttl"], "general_settings.key_cache_ttl")
+        if general.get("allow_requests_on_db_unavailable") is not None:
+            with self.reading(("general_settings", "allow_requests_on_db_unavailable")):
+                found["allow_requests_on_db_unavailable"] = self.boolean(
+                    general, "allow_requests_on_db_unavailable", "general_settings"
+                )
+        return found
 
     def positive_number(self, value: object, where: str) -> float:
         if not _is_number(value) or value <= 0:

@@ -35,6 +35,21 @@ def error_response(status: int, message: str, kind: str, headers: list[tuple[str
     return Response(body, status=status, headers=list(headers), content_type="application/json")
 
 
+class Refusal(Exception):
+    """A request the proxy answers itself, before anything is sent upstream."""
+
+    # The virtual key refused, when it was a known one (for the usage row).
+    api_key: str | None = None
+    key_alias: str | None = None
+
+    def __init__(self, status: int, message: str, kind: str, headers: list[tuple[str, str]] = ()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.headers = headers
+
+
 NOT_FOUND = "No pass-through endpoint is configured for this path."
 METHOD_NOT_ALLOWED = "Method not allowed on this path."
 

@@ -14,8 +14,10 @@ from collections.abc import Mapping
 
 from flask import Flask
 
+from proxy_app import admin
 from proxy_app import errors
 from proxy_app import health
+from proxy_app import lifecycle
 from proxy_app import metrics
 from proxy_app import routes
 from proxy_app.app import ProxyFlask
@@ -25,6 +27,7 @@ from proxy_app.config import log_summary
 from proxy_app.forward import Forwarder
 from proxy_app.logs import truthy
 from proxy_app.observe import AccessLog
+from proxy_app.stores import Stores
 from proxy_app.upstream import Transport
 
 DEFAULT_THREADS = 32
@@ -48,9 +51,16 @@ def create_app(config: str | os.PathLike | Mapping | Settings | None = None, env
         origins=len({e.origin for e in settings.endpoints}),
     )
     detailed_debug = truthy(environ.get("DETAILED_DEBUG"))
+    # Under the gunicorn master the schema was brought up to date before this worker forked.
+    schema_ready = lifecycle.schema_ready() if lifecycle.current() is not None else lifecycle.prepare_schema(settings, environ)
+    stores = Stores(settings, environ, schema_ready=schema_ready)
+    app.extensions["proxy_app.stores"] = stores
     errors.init_app(app)
-    health.init_app(app, settings)
+    health.init_app(app, settings, stores.watcher)
     metrics.init_app(app)
-    routes.init_app(app, settings.endpoints, Forwarder(settings, transport, detailed_debug))
-    app.wsgi_app = AccessLog(app.wsgi_app)
+    admin.init_app(app, settings, stores.engine)
+    routes.init_app(app, settings.endpoints, Forwarder(settings, transport, detailed_debug, stores.gate))
+    app.wsgi_app = AccessLog(app.wsgi_app, usage=stores.usage, release=stores.gate.release)
+    stores.start()
+    stores.stop_with(app)
     return app

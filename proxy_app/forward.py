@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 from flask import Response
@@ -24,15 +23,18 @@ from urllib3.exceptions import HTTPError
 
 from proxy_app.auth import environ_key
 from proxy_app.auth import key_carriers
+from proxy_app.auth import presented_key
 from proxy_app.body import CHUNK_SIZE
 from proxy_app.body import BadRequestBody
 from proxy_app.body import close_after_response
 from proxy_app.body import request_body
+from proxy_app.call_ids import new_call_id
 from proxy_app.config import Endpoint
 from proxy_app.config import Settings
 from proxy_app.debug import debug_request
 from proxy_app.debug import debug_response
 from proxy_app.errors import NOT_FOUND
+from proxy_app.errors import Refusal
 from proxy_app.errors import causes
 from proxy_app.errors import describe_cause
 from proxy_app.errors import error_response
@@ -45,6 +47,8 @@ from proxy_app.headers import InvalidUpstreamHeaders
 from proxy_app.headers import caller_headers
 from proxy_app.headers import outbound_headers
 from proxy_app.headers import response_headers
+from proxy_app.key_gate import KeyGate
+from proxy_app.observe import MASTER
 from proxy_app.observe import RECORD_KEY
 from proxy_app.observe import Record
 from proxy_app.upstream import Transport
@@ -63,17 +67,6 @@ HEADERS_TOO_LARGE = "The request headers are too large."
 # The caller's header block, in total: gunicorn limits each line and the line count, not
 # the sum (100 x 8 KiB would pass). nginx's default allows 32 KiB.
 MAX_HEADER_BYTES = 64 * 1024
-
-
-class Refusal(Exception):
-    """A request the proxy answers itself, before anything is sent upstream."""
-
-    def __init__(self, status: int, message: str, kind: str, headers: list[tuple[str, str]] = ()):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.headers = headers
 
 
 @dataclass(slots=True)
@@ -151,9 +144,10 @@ class UpstreamAborted(ConnectionResetError):
 class Forwarder:
     """Forwards the current Flask request to an endpoint's target and relays the answer."""
 
-    def __init__(self, settings: Settings, transport: Transport, detailed_debug: bool = False):
+    def __init__(self, settings: Settings, transport: Transport, detailed_debug: bool = False, gate: KeyGate | None = None):
         self.master_key = settings.master_key.encode() if settings.master_key else None
         self.transport = transport
+        self.gate = gate
         self.debug = detailed_debug
         # connect: to reach the upstream; read: the most silence allowed between its bytes.
         self.timeouts = {e.index: Timeout(connect=settings.connect_timeout, read=e.timeout) for e in settings.endpoints}
@@ -162,21 +156,42 @@ class Forwarder:
         environ = request.environ
         record = start_record(environ, endpoint)
         try:
-            carriers = self.authorize(environ, endpoint, record.call_id)
+            carriers = self.authorize(environ, endpoint, record)
             outgoing = prepare(environ, endpoint, subpath, carriers)
             upstream = self.send(environ, endpoint, outgoing, record)
-            response = relay(upstream, record.call_id, outgoing.method)
+            response = relay(upstream, record, outgoing.method)
         except FAILURES as exc:
             return self.handle_error(environ, endpoint, record, exc)
         record.stream_started()
         return response
 
-    def authorize(self, environ, endpoint: Endpoint, call_id: str) -> frozenset[str]:
-        """The caller headers carrying the proxy key; :class:`Refusal` (401) when one is needed and missing."""
+    def authorize(self, environ, endpoint: Endpoint, record: Record) -> frozenset[str]:
+        """The caller headers carrying the proxy key (never forwarded).
+
+        On an ``auth: true`` endpoint the caller needs the master key or a virtual key that
+        passes its checks and limits (proxy_app/key_gate.py); the slot it takes is on the
+        record, given back when the response ends (proxy_app/observe.py).
+
+        :raises Refusal: 401, 403, 400, 429 or 503.
+        """
         carriers = key_carriers(environ, self.master_key, endpoint.key_header)
-        if endpoint.auth and not carriers:
-            raise unauthorized(environ, endpoint, call_id)
-        return carriers
+        if carriers:
+            record.api_key = MASTER
+            return carriers
+        if not endpoint.auth:
+            return carriers
+        presented, carrier = presented_key(environ, endpoint.key_header)
+        if presented is None or self.gate is None:
+            raise unauthorized(environ, endpoint, record.call_id)
+        try:
+            passed = self.gate.admit(presented, split_request_target(raw_request_target(environ))[0])
+        except Refusal as refusal:
+            record.api_key, record.key_alias = refusal.api_key, refusal.key_alias
+            refusal.headers = [*refusal.headers, ("x-litellm-call-id", record.call_id)]
+            raise
+        record.api_key, record.key_alias, record.lease = passed.token, passed.key_alias, passed.lease
+        record.answer_headers = passed.headers
+        return frozenset((carrier,))
 
     def send(self, environ, endpoint: Endpoint, outgoing: Outgoing, record: Record) -> HTTPResponse:
         """Open the upstream request, the caller's body streamed; return once the head arrived."""
@@ -227,7 +242,7 @@ def start_record(environ, endpoint: Endpoint) -> Record:
     """The access record of this call, with what is known before anything is sent."""
     record = environ[RECORD_KEY]
     record.route = endpoint.path
-    record.call_id = str(uuid.uuid4())
+    record.call_id = new_call_id()
     record.cost = endpoint.cost_per_request
     return record
 
@@ -240,7 +255,7 @@ def unauthorized(environ, endpoint: Endpoint, call_id: str) -> Refusal:
     return Refusal(401, message, "auth_error", [("x-litellm-call-id", call_id)])
 
 
-def relay(upstream: HTTPResponse, call_id: str, method: str) -> Response:
+def relay(upstream: HTTPResponse, record: Record, method: str) -> Response:
     """Relay the upstream status line, headers and body exactly, streaming the body.
 
     :raises InvalidUpstreamHeaders: before anything was sent to the caller; the upstream
@@ -255,7 +270,11 @@ def relay(upstream: HTTPResponse, call_id: str, method: str) -> Response:
     except InvalidUpstreamHeaders:
         finish_upstream(upstream)
         raise
-    headers.append(("x-litellm-call-id", call_id))
+    headers.append(("x-litellm-call-id", record.call_id))
+    if record.answer_headers:
+        headers.extend(record.answer_headers)
+    # The upstream's own price for this call (LiteLLM's cost contract), for the usage row.
+    record.response_cost = upstream.headers.get("x-litellm-response-cost")
     if "text/event-stream" in upstream.headers.get("content-type", ""):
         # nginx honours (and hides) this, so the stream is not buffered on the way out.
         headers.append(("X-Accel-Buffering", "no"))

@@ -121,6 +121,14 @@ def on_reload(server):
     lifecycle.reload_on_hup()
 
 
+def worker_exit(server, worker):
+    """A worker stops (TERM, HUP, max-requests): write the usage rows it holds, stop its threads."""
+    app = getattr(worker, "wsgi", None)
+    stores = getattr(app, "extensions", {}).get("proxy_app.stores")
+    if stores is not None:
+        stores.stop()
+
+
 def child_exit(server, worker):
     from proxy_app.metrics import mark_worker_dead
 
@@ -138,7 +146,7 @@ __all__ = [
         "wsgi_app", "bind", "worker_class", "workers", "threads", "worker_connections", "timeout",
         "graceful_timeout", "keepalive", "loglevel", "accesslog", "errorlog", "logconfig_dict",
         "logger_class", "preload_app", "control_socket_disable", "control_socket",
-        "on_starting", "on_reload", "child_exit", "on_exit",
+        "on_starting", "on_reload", "worker_exit", "child_exit", "on_exit",
     )
     if name in globals()
 ]

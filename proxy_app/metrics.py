@@ -43,6 +43,17 @@ REQUEST_BYTES = Counter("proxy_request_bytes_total", "Request body bytes read fr
 RESPONSE_BYTES = Counter("proxy_response_bytes_total", "Response body bytes written to callers.", ["route"])
 UPSTREAM_ERRORS = Counter("proxy_upstream_errors_total", "Upstream failures, by kind.", ["route", "kind"])
 IN_FLIGHT = Gauge("proxy_streams_in_flight", "Upstream responses being relayed now.", ["route"], multiprocess_mode="livesum")
+# The stores (proxy_app/store.py, limiter.py, usage.py): store is "database" or "redis".
+STORE_ERRORS = Counter("proxy_store_errors_total", "Failed store operations, by store and operation.", ["store", "operation"])
+USAGE_ROWS_WRITTEN = Counter("proxy_usage_rows_written_total", "Usage rows written to the database.")
+USAGE_ROWS_HELD = Gauge(
+    "proxy_usage_rows_held", "Usage rows waiting to be written (in memory or spooled on disk).", multiprocess_mode="livesum"
+)
+USAGE_ROWS_DROPPED = Counter("proxy_usage_rows_dropped_total", "Usage rows lost because the local spool was full.")
+LIMITER_FALLBACK = Counter(
+    "proxy_limiter_local_fallback_total", "Limit checks made with the worker's own counters because Redis was unreachable."
+)
+KEY_REFUSALS = Counter("proxy_key_refusals_total", "Requests refused by a virtual key check, by reason.", ["reason"])
 
 
 # Methods outside this set are counted as OTHER: a caller must not be able to create

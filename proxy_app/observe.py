@@ -1,4 +1,4 @@
-"""Per-request accounting: one JSON access-log line and the metrics, when the body is done.
+"""Per-request accounting when the body is done: the access line, the metrics, the usage row.
 
 :class:`AccessLog` wraps the WSGI app. It counts request bytes read and response bytes
 written, and, when the server closes the response (after the last byte of a stream, or
@@ -8,6 +8,10 @@ time to first upstream byte, upstream error) on the :class:`Record` it finds in 
 
 A caller that goes away before the whole body was written is logged and counted with
 status 499, whatever status had been sent.
+
+It is also where a virtual key's concurrency slot is given back (whatever ended the
+response: its last byte, the caller leaving, an upstream failure) and where each
+pass-through request's usage row is queued for the database (proxy_app/usage.py).
 
 The line never holds a header value, a key, a query string or a body.
 """
@@ -22,12 +26,16 @@ from proxy_app import metrics
 from proxy_app.logs import log_line
 from proxy_app.urls import raw_request_target
 from proxy_app.urls import split_request_target
+from proxy_app.usage import Row
+from proxy_app.usage import spend_of
 
 access_log = logging.getLogger("proxy_app.access")
 RECORD_KEY = "proxy_app.record"
 # The status logged and counted for a caller that left before the response ended (nginx's
 # and Caddy's "client closed request").
 CALLER_GONE = 499
+# The usage row's api_key for a caller that presented the master key.
+MASTER = "master"
 _to_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
@@ -36,10 +44,19 @@ class Record:
 
     __slots__ = (
         "started", "route", "call_id", "cost", "ttfb", "error", "status", "streaming", "request_bytes", "response_bytes", "body_done",
+        "wall_start", "api_key", "key_alias", "lease", "answer_headers", "response_cost",
     )
 
     def __init__(self, started: float):
         self.started = started
+        self.wall_start = time.time()
+        # Who called (a key's token, MASTER, or None) and the limiter slot its key holds.
+        self.api_key = None
+        self.key_alias = None
+        self.lease = None
+        # Headers added to a relayed answer (x-ratelimit-*), and the upstream's cost header.
+        self.answer_headers = None
+        self.response_cost = None
         self.route = None
         self.call_id = None
         self.cost = None
@@ -73,10 +90,16 @@ class CountingInput:
 
 
 class AccessLog:
-    """WSGI middleware: account for every request when its response is closed."""
+    """WSGI middleware: account for every request when its response is closed.
 
-    def __init__(self, app):
+    :param usage: where pass-through usage rows go (``add(row)``), or None.
+    :param release: gives a virtual key's limiter slot back (``release(lease)``), or None.
+    """
+
+    def __init__(self, app, usage=None, release=None):
         self.app = app
+        self.usage = usage
+        self.release = release
 
     def __call__(self, environ, start_response):
         record = Record(time.perf_counter())
@@ -87,16 +110,17 @@ class AccessLog:
             record.status = int(status[:3])
             return start_response(status, headers, exc_info)
 
-        return _CountedBody(self.app(environ, start), record, environ)
+        return _CountedBody(self.app(environ, start), record, environ, self)
 
 
 class _CountedBody:
-    __slots__ = ("_body", "_record", "_environ")
+    __slots__ = ("_body", "_record", "_environ", "_log")
 
-    def __init__(self, body, record: Record, environ):
+    def __init__(self, body, record: Record, environ, log: AccessLog):
         self._body = body
         self._record = record
         self._environ = environ
+        self._log = log
 
     def __iter__(self):
         record = self._record
@@ -121,7 +145,14 @@ class _CountedBody:
             if close is not None:
                 close()
         finally:
-            finish(self._record, self._environ)
+            record = self._record
+            if record.lease is not None:
+                # First: the slot must come back even if accounting below fails.
+                self._log.release(record.lease)
+                record.lease = None
+            duration = finish(record, self._environ)
+            if record.route is not None and self._log.usage is not None:
+                self._log.usage.add(usage_row(record, self._environ, duration))
 
 
 _second = [0, ""]
@@ -136,7 +167,31 @@ def utc_timestamp() -> str:
     return f"{_second[1]}.{int((now - whole) * 1000):03d}+00:00"
 
 
-def finish(record: Record, environ) -> None:
+def usage_row(record: Record, environ, duration: float) -> Row:
+    """The spend_logs row of a finished pass-through request (proxy_app/schema.py), each
+    value of its column's type (the writer does not check a Row again)."""
+    # Spend only for calls the upstream answered: a refused or failed call cost nothing.
+    spend = spend_of(record.response_cost, record.cost or 0.0) if record.ttfb is not None else 0.0
+    return Row(
+        request_id=record.call_id,
+        api_key=record.api_key,
+        key_alias=record.key_alias,
+        route=record.route,
+        method=environ.get("REQUEST_METHOD", ""),
+        status=record.status,
+        request_bytes=record.request_bytes,
+        response_bytes=record.response_bytes,
+        duration_ms=round(duration * 1000, 3),
+        ttfb_ms=None if record.ttfb is None else round(record.ttfb * 1000, 3),
+        spend=spend,
+        start_time=record.wall_start,
+        end_time=record.wall_start + duration,
+        upstream_error=record.error,
+    )
+
+
+def finish(record: Record, environ) -> float:
+    """Log and count a finished request; its duration in seconds."""
     duration = time.perf_counter() - record.started
     route = metrics.for_route(record.route or "")
     method = environ.get("REQUEST_METHOD", "")
@@ -172,3 +227,4 @@ def finish(record: Record, environ) -> None:
                 }
             ),
         )
+    return duration

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -10,9 +12,25 @@ from proxy_app import create_app
 from proxy_app import patches
 from tests.upstream import Upstream
 
+# Real PostgreSQL and Redis servers for the tests that need them (fixtures postgres, pg_url,
+# redis_server, redis_url).
+pytest_plugins = ("tests.servers",)
+
 PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy")
 MASTER_KEY = "sk-test-master-0123456789"
 SECRET = "secret-upstream-key-42"
+
+
+# Every app and proxy the tests start keeps its embedded SQLite database and usage spool in
+# one temporary directory (as systemd's StateDirectory= would), never in the working tree.
+STATE_DIRECTORY = tempfile.mkdtemp(prefix="proxy-app-test-state-")
+os.environ["STATE_DIRECTORY"] = STATE_DIRECTORY
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _state_directory():
+    yield
+    shutil.rmtree(STATE_DIRECTORY, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,7 +68,7 @@ def make_client():
     """Build a test client for endpoints: ``make_client(endpoint, ..., env={...})``."""
 
     def build(*endpoints: dict, env: dict | None = None, master_key: str | None = MASTER_KEY, **general):
-        environ = {"SECRET": SECRET, **(env or {})}
+        environ = {"SECRET": SECRET, "STATE_DIRECTORY": STATE_DIRECTORY, **(env or {})}
         app = create_app(config_for(*endpoints, master_key=master_key, **general), environ=environ)
         return app.test_client(use_cookies=False)
 

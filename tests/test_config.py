@@ -844,8 +844,8 @@ LITELLM_EXTRAS = {
         pytest.param({**LITELLM_EXTRAS, **one()}, ["model_list", "litellm_settings", "router_settings"], id="top-level-sections"),
         pytest.param({"environment_variables": {"X": "y"}, **one()}, [], id="environment_variables-is-used"),
         pytest.param(
-            config(endpoint(), alerting=["slack"], database_url="postgres://x", store_model_in_db=True),
-            ["general_settings.alerting", "general_settings.database_url", "general_settings.store_model_in_db"],
+            config(endpoint(), alerting=["slack"], disable_spend_logs=True, store_model_in_db=True),
+            ["general_settings.alerting", "general_settings.disable_spend_logs", "general_settings.store_model_in_db"],
             id="general-settings-keys",
         ),
         pytest.param({"model_list": [], **config(endpoint(), alerting=["slack"])}, ["model_list", "general_settings.alerting"], id="both"),
@@ -1459,3 +1459,48 @@ def test_allow_missing_env_still_fails_on_everything_else(cfg, prefix, fragment)
     with pytest.raises(ConfigError) as info:
         load_config(cfg, dict(ENV), allow_missing_env=True)
     assert_one_problem(info.value.problems, prefix, fragment)
+
+
+# -- the store settings (proxy_app/config.py _Validator.store) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "general, environ, expected",
+    [
+        pytest.param({}, {}, (None, None, 60.0, False), id="defaults-embedded-sqlite"),
+        pytest.param({"database_url": "postgresql://u:p@db/x"}, {}, ("postgresql://u:p@db/x", None, 60.0, False), id="in-config"),
+        pytest.param({}, {"DATABASE_URL": "postgres://db/x"}, ("postgres://db/x", None, 60.0, False), id="env-database-url"),
+        pytest.param(
+            {"database_url": "os.environ/DB"}, {"DB": "postgresql://db/y", "DATABASE_URL": "postgresql://db/z"},
+            ("postgresql://db/y", None, 60.0, False), id="config-wins-over-env",
+        ),
+        pytest.param({}, {"REDIS_URL": "redis://r:6379/1"}, (None, "redis://r:6379/1", 60.0, False), id="redis-url"),
+        pytest.param(
+            {}, {"REDIS_HOST": "r", "REDIS_PORT": "6380", "REDIS_PASSWORD": "p@ss"},
+            (None, "redis://:p%40ss@r:6380/0", 60.0, False), id="litellm-redis-host-port-password",
+        ),
+        pytest.param({}, {"REDIS_HOST": "r"}, (None, "redis://r:6379/0", 60.0, False), id="redis-host-default-port"),
+        pytest.param(
+            {"key_cache_ttl": 5, "allow_requests_on_db_unavailable": True}, {}, (None, None, 5.0, True), id="cache-and-outage-policy",
+        ),
+    ],
+)
+def test_store_settings(general, environ, expected):
+    settings = load_config({"general_settings": {**general, "pass_through_endpoints": [endpoint()]}}, environ)
+    assert (settings.database_url, settings.redis_url, settings.key_cache_ttl, settings.allow_requests_on_db_unavailable) == expected
+
+
+@pytest.mark.parametrize(
+    "general, message",
+    [
+        ({"database_url": "mysql://db/x"}, "general_settings.database_url: must be a postgresql:// URL"),
+        ({"database_url": 5}, "general_settings.database_url: must be a string, got int"),
+        ({"database_url": "os.environ/NOPE"}, "general_settings.database_url"),
+        ({"key_cache_ttl": 0}, "general_settings.key_cache_ttl: must be a positive number"),
+        ({"allow_requests_on_db_unavailable": "yes"}, "general_settings.allow_requests_on_db_unavailable: must be a YAML boolean"),
+    ],
+)
+def test_bad_store_settings_name_the_field(general, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config({"general_settings": {**general, "pass_through_endpoints": [endpoint()]}}, {})
+    assert any(message in problem for problem in caught.value.problems), caught.value.problems

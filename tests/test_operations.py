@@ -80,7 +80,7 @@ def test_check_prints_the_route_table_without_values(tmp_path, capsys, monkeypat
     assert cli_main(["check", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"/v1/rerank\s+DELETE,GET,HEAD,OPTIONS,PATCH,POST,PUT\s+api\.cohere\.com\s+open\s+no\s+Authorization", out)
-    assert re.search(r"/lf\s+POST\s+lf\.example:8443\s+master key\s+yes\s+-", out)
+    assert re.search(r"/lf\s+POST\s+lf\.example:8443\s+keys\s+yes\s+-", out)
     assert SECRET not in out and MASTER not in out
 
 

@@ -308,6 +308,9 @@ print(before, "prometheus_client" in sys.modules, create_app.__module__)
 
 
 def test_importing_the_package_cli_and_settings_does_not_import_prometheus_client(tmp_path, proxy_env):
+    # The directory exists, as the gunicorn settings make sure: metrics without labels open
+    # their value files in it when proxy_app.metrics is imported.
+    (tmp_path / "prom").mkdir()
     env = {**base_env(proxy_env, tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
     done = subprocess.run([sys.executable, "-c", IMPORTS_PROBE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

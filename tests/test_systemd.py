@@ -89,6 +89,8 @@ def unit():
         ("Service", "Group", "proxy-app"),
         ("Service", "WorkingDirectory", INSTALL_DIR),
         ("Service", "RuntimeDirectory", "proxy-app"),
+        # STATE_DIRECTORY=/var/lib/proxy-app: the SQLite database and the usage spool.
+        ("Service", "StateDirectory", "proxy-app"),
         ("Service", "NoNewPrivileges", "yes"),
         ("Service", "ProtectSystem", "strict"),
         ("Service", "ProtectHome", "yes"),

@@ -1,0 +1,99 @@
+"""The store's tables, in SQLAlchemy Core: one definition for SQLite and PostgreSQL.
+
+Times are seconds since the epoch (``Float``): one type on both engines, no time zones to
+get wrong; the admin API formats them as ISO 8601 UTC. Alembic migrations under
+``proxy_app/migrations/versions`` create and change these tables; a change here needs a new
+migration (``tests/test_migrations.py`` compares the two).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON
+from sqlalchemy import Boolean
+from sqlalchemy import Column
+from sqlalchemy import Float
+from sqlalchemy import Index
+from sqlalchemy import Integer
+from sqlalchemy import MetaData
+from sqlalchemy import String
+from sqlalchemy import Table
+from sqlalchemy import Text
+
+metadata = MetaData()
+
+# A virtual key (LiteLLM's LiteLLM_VerificationToken). Only the SHA-256 hex digest of the key
+# is stored (``token``); the plaintext is shown once, when it is generated.
+keys = Table(
+    "proxy_keys",
+    metadata,
+    Column("token", String(64), primary_key=True),
+    Column("key_alias", String(255), unique=True, nullable=True),
+    # "sk-...abcd": the last four characters, so an operator can tell keys apart.
+    Column("key_name", String(32), nullable=False),
+    Column("expires", Float, nullable=True),
+    Column("allowed_routes", JSON, nullable=True),
+    Column("rpm_limit", Integer, nullable=True),
+    Column("max_parallel_requests", Integer, nullable=True),
+    Column("max_budget", Float, nullable=True),
+    Column("budget_duration", String(32), nullable=True),
+    Column("budget_reset_at", Float, nullable=True),
+    Column("spend", Float, nullable=False, default=0.0),
+    Column("metadata", JSON, nullable=True),
+    Column("blocked", Boolean, nullable=False, default=False),
+    # LiteLLM fields with no effect here (models, team_id, user_id, tags, tpm_limit...),
+    # stored and returned as given.
+    Column("extra", JSON, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    # /key/regenerate with grace_period: the previous key keeps working until then.
+    Column("previous_token", String(64), nullable=True, index=True),
+    Column("previous_expires", Float, nullable=True),
+)
+
+# One row per pass-through request (LiteLLM's LiteLLM_SpendLogs, fields of our own).
+spend_logs = Table(
+    "proxy_spend_logs",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("api_key", String(64), nullable=True),
+    Column("key_alias", String(255), nullable=True),
+    Column("route", Text, nullable=True),
+    Column("method", String(16), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("request_bytes", Integer, nullable=False),
+    Column("response_bytes", Integer, nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Column("ttfb_ms", Float, nullable=True),
+    Column("spend", Float, nullable=False),
+    Column("start_time", Float, nullable=False),
+    Column("end_time", Float, nullable=False),
+    Column("upstream_error", Text, nullable=True),
+    Index("ix_proxy_spend_logs_start_time", "start_time"),
+    Index("ix_proxy_spend_logs_api_key_start_time", "api_key", "start_time"),
+)
+
+# Limit counters when there is no Redis: one row per admitted request. The rpm window counts
+# rows admitted in the last 60 s; the parallel limit counts rows whose lease is still live
+# (lease_expires in the future; 0 once released). A worker renews the leases it holds, so
+# the slots of a killed worker come back when their lease runs out.
+admissions = Table(
+    "proxy_admissions",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("token", String(64), nullable=False),
+    Column("admitted_at", Float, nullable=False),
+    Column("lease_expires", Float, nullable=False),
+    Index("ix_proxy_admissions_token_admitted_at", "token", "admitted_at"),
+    # The live slots of a key: lease_expires in the future.
+    Index("ix_proxy_admissions_token_lease_expires", "token", "lease_expires"),
+)
+
+# Change notices: a counter per kind of object ("keys", "endpoints"), bumped in the same
+# transaction as the change. Every worker polls these few rows (not one per request) and
+# drops what it cached when a counter moved.
+changes = Table(
+    "proxy_changes",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("generation", Integer, nullable=False),
+)
