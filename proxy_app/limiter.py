@@ -74,6 +74,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import bindparam
 from sqlalchemy import func
+from sqlalchemy import literal_column
 from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
@@ -788,19 +789,28 @@ _OF_KEY = _ADMISSIONS.c.token == _TOKEN
 
 
 def _edge(*where, newest: bool):
-    order = _ADMISSIONS.c.admitted_at.desc() if newest else _ADMISSIONS.c.admitted_at
+    order = _ADMISSIONS.c.id.desc() if newest else _ADMISSIONS.c.id
     return lambda column: select(column).where(*where).order_by(order).limit(1).scalar_subquery()
 
 
 # Counting a key's rows in the window would cost a step per row (~0.1 us each in SQLite: 20 ms
 # for a key admitted 3000 times a second). Instead each row's id starts with the key's
 # admission number (see :func:`row_id`), so the count is the newest number minus the number of
-# the oldest row still in the window, plus one: two index probes on (token, admitted_at),
-# whatever the rate. Rows leave only from the old end of the window (cleanup), never from
-# its middle, so the numbers in the window are consecutive.
+# the oldest row still in the window, plus one. Rows leave only from the old end of the window
+# (cleanup), never from its middle, so the numbers in the window are consecutive. The primary
+# key (token, id) keeps a key's rows in number order, which is also time order (times per key
+# strictly increase), so both edges are read from it: the newest is its last row; the oldest
+# in the window is the first row from ``:from_id`` on younger than ``:since``, where
+# ``:from_id`` is an id known to be no younger than it (this process's previous answer for the
+# key: the oldest in the window only moves forward), so the walk passes over the rows that
+# left the window since, not over all the rows cleanup has not deleted yet.
+_FROM_ID = bindparam("from_id")
 _newest = _edge(_OF_KEY, newest=True)
-_oldest = _edge(_OF_KEY, _ADMISSIONS.c.admitted_at > _SINCE, newest=False)
-_LIVE = select(func.count()).where(_OF_KEY, _ADMISSIONS.c.lease_expires > _NOW).scalar_subquery()
+_oldest = _edge(_OF_KEY, _ADMISSIONS.c.id >= _FROM_ID, _ADMISSIONS.c.admitted_at > _SINCE, newest=False)
+# The partial index holds leases with lease_expires > 0; the literal term lets SQLite use it
+# (a query uses a partial index only when its WHERE names the index's own terms).
+_HELD = _ADMISSIONS.c.lease_expires > literal_column("0")
+_LIVE = select(func.count()).where(_OF_KEY, _HELD, _ADMISSIONS.c.lease_expires > _NOW).scalar_subquery()
 _STATE_COLUMNS = (
     _newest(_ADMISSIONS.c.id),
     _newest(_ADMISSIONS.c.admitted_at),
@@ -810,6 +820,13 @@ _STATE_COLUMNS = (
 _STATE = select(*_STATE_COLUMNS)
 _STATE_AND_LIVE = select(*_STATE_COLUMNS, _LIVE)
 SEQ_DIGITS = 16  # hex digits of the admission number at the start of a row id (36 characters in all)
+
+
+def first_seq(now: float) -> int:
+    """The admission number of a key's first row (none left): microseconds since the epoch, so a
+    key's numbers keep increasing even after all its rows were cleaned up (an admission takes
+    far longer than a microsecond), and an earlier answer's id stays a lower bound."""
+    return int(now * 1e6)
 
 
 def row_id(seq: int) -> str:
@@ -822,10 +839,12 @@ def row_seq(row_id_: str) -> int:
 
 
 _INSERT = _ADMISSIONS.insert()
-_RELEASE = _ADMISSIONS.update().where(_ADMISSIONS.c.id == bindparam("lease_id")).values(lease_expires=0.0)
+# UPDATE takes no bind parameter named after a column: the key is :key_token there.
+_OF_LEASE_KEY = _ADMISSIONS.c.token == bindparam("key_token")
+_RELEASE = _ADMISSIONS.update().where(_OF_LEASE_KEY, _ADMISSIONS.c.id == bindparam("lease_id")).values(lease_expires=0.0)
 _RENEW = (
     _ADMISSIONS.update()
-    .where(_ADMISSIONS.c.id.in_(bindparam("ids", expanding=True)), _ADMISSIONS.c.lease_expires > _NOW)
+    .where(_OF_LEASE_KEY, _ADMISSIONS.c.id.in_(bindparam("ids", expanding=True)), _ADMISSIONS.c.lease_expires > _NOW)
     .values(lease_expires=bindparam("expires"))
 )
 # Rows that count for nothing any more: out of the window and not holding a live slot.
@@ -841,12 +860,21 @@ _PG_LOCK_AND_NOW = text(
 _PG_NOW = text("SELECT CAST(extract(epoch FROM clock_timestamp()) AS double precision)")
 
 
-_RELEASE_MANY = _ADMISSIONS.update().where(_ADMISSIONS.c.id.in_(bindparam("ids", expanding=True))).values(lease_expires=0.0)
+_RELEASE_MANY = _ADMISSIONS.update().where(_OF_LEASE_KEY, _ADMISSIONS.c.id.in_(bindparam("ids", expanding=True))).values(lease_expires=0.0)
+MAX_KNOWN_KEYS = 100_000  # DatabaseLimiter._from: beyond this many keys, start over
 RELEASE_CHUNK = 500  # lease ids per UPDATE ... IN (...) (SQLite caps the parameters of a statement)
 
 # SQLite's hot path runs the Core statements above through the sqlite3 driver directly,
 # compiled once in the driver's named style: one dict per call binds the repeated parameters.
 _NAMED_SQLITE = sqlite_dialect(paramstyle="named")
+
+
+def _by_token(leases) -> list[tuple[str, list[str]]]:
+    """Lease ids grouped by key (the primary key is (token, id))."""
+    groups: dict[str, list[str]] = {}
+    for lease in leases:
+        groups.setdefault(lease.token, []).append(lease.id)
+    return list(groups.items())
 
 
 def sqlite_sql(statement) -> tuple[str, dict]:
@@ -925,6 +953,28 @@ class ThreadConnections:
                 pass
 
 
+class SharedConnection(ThreadConnections):
+    """One sqlite3 connection for the whole process, set up and detached like
+    :class:`ThreadConnections`' ones; its users serialise themselves (the limiter holds its
+    admission lock around every use: SQLite lets one writer in at a time anyway). One page
+    cache, kept warm by every admission, instead of one per request thread. SQLAlchemy opens
+    file databases with ``check_same_thread=False``, so any thread may use it."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self._local = _Slot()  # one slot for every thread
+
+    def get(self) -> _Held:
+        held = self._local.held
+        if held is not None and held.pid == self._pid:
+            return held
+        return self._open(self._local)
+
+
+class _Slot:
+    held: _Held | None = None
+
+
 class DatabaseLimiter:
     """Limits in the database, for deployments without Redis. Raises :class:`LimiterUnavailable`."""
 
@@ -941,7 +991,7 @@ class DatabaseLimiter:
         self._sqlite = engine.dialect.name == "sqlite"
         self._errors = (SQLAlchemyError, engine.dialect.loaded_dbapi.Error)
         if self._sqlite:
-            self._connections = ThreadConnections(engine)
+            self._connections = SharedConnection(engine)
             self._admit_lock = threading.Lock()
             self._sql_state, self._state_params = sqlite_sql(_STATE)
             self._sql_state_live, self._state_live_params = sqlite_sql(_STATE_AND_LIVE)
@@ -951,6 +1001,9 @@ class DatabaseLimiter:
         self.window = window
         self._cleanup_every = cleanup_every
         self._cleaned = 0.0
+        # token -> (id, since): this process's last oldest row in the key's window, and the
+        # window's start then (see _STATE): where the next look for the oldest starts.
+        self._from: dict[str, tuple[str, float]] = {}
         self._keeper = LeaseKeeper(
             "limiter-database",
             renew_every or lease_seconds / 3,
@@ -979,7 +1032,8 @@ class DatabaseLimiter:
                 with self._engine.begin() as conn:
                     now = conn.execute(_PG_LOCK_AND_NOW, {"token": token}).scalar_one()
                     params = {"token": token, "since": now - self.window, "now": now}
-                    row = conn.execute(_STATE if max_parallel is None else _STATE_AND_LIVE, params).fetchone()
+                    statement = _STATE if max_parallel is None else _STATE_AND_LIVE
+                    row = self._state(lambda from_id: conn.execute(statement, {**params, "from_id": from_id}).fetchone(), token, now)
                     answer, lease_id, at, expires = self._decide(row, now, rpm_limit, max_parallel)
                     if answer.allowed:
                         conn.execute(_INSERT, {"id": lease_id, "token": token, "admitted_at": at, "lease_expires": expires})
@@ -1015,8 +1069,13 @@ class DatabaseLimiter:
             params["token"] = token
             params["since"] = now - self.window
             params["now"] = now
-            cursor.execute(sql, params)
-            answer, lease_id, at, expires = self._decide(cursor.fetchone(), now, rpm_limit, max_parallel)
+
+            def state(from_id):
+                params["from_id"] = from_id
+                cursor.execute(sql, params)
+                return cursor.fetchone()
+
+            answer, lease_id, at, expires = self._decide(self._state(state, token, now), now, rpm_limit, max_parallel)
             if answer.allowed:
                 cursor.execute(self._sql_insert, {"id": lease_id, "token": token, "admitted_at": at, "lease_expires": expires})
             connection.commit()
@@ -1025,13 +1084,32 @@ class DatabaseLimiter:
             raise
         return answer, lease_id
 
+    def _state(self, query, token: str, now: float):
+        """The key's state row, ``query(from_id)``, starting the look for the oldest row in the
+        window at this process's previous one; remembers the new one."""
+        since = now - self.window
+        known = self._from.get(token)
+        from_id = known[0] if known is not None and known[1] <= since else ""  # a clock stepped back: from the start
+        row = query(from_id)
+        newest_id, oldest_id = row[0], row[2]
+        if from_id and (newest_id is None or newest_id < from_id):  # numbers started again (a clock stepped back)
+            from_id = ""
+            row = query(from_id)
+            newest_id, oldest_id = row[0], row[2]
+        edge = oldest_id if oldest_id is not None else newest_id  # none in the window: all are older
+        if edge is not None:
+            if len(self._from) >= MAX_KNOWN_KEYS and token not in self._from:
+                self._from.clear()
+            self._from[token] = (edge, since)
+        return row
+
     def _decide(self, row, now: float, rpm_limit, max_parallel) -> tuple[Admission, str, float, float]:
         """The answer from the key's state row, the new row's id, admission time and lease expiry."""
         newest_id, newest_at, oldest_id, oldest_at = row[:4]
         live = row[4] if max_parallel is not None else 0
         in_window = row_seq(newest_id) - row_seq(oldest_id) + 1 if oldest_id is not None else 0
         answer = decide(now, rpm_limit, in_window, oldest_at, max_parallel, live, self.window)
-        lease_id = row_id(row_seq(newest_id) + 1 if newest_id is not None else 0)
+        lease_id = row_id(row_seq(newest_id) + 1 if newest_id is not None else first_seq(now))
         # Strictly increasing times per key, so ordering by time orders by number too
         # (a clock stepped back, or two admissions within its resolution).
         if newest_at is not None and now <= newest_at:
@@ -1051,20 +1129,22 @@ class DatabaseLimiter:
         # One transaction for the whole batch.
         try:
             if self._sqlite:
-                held = self._connections.get()
-                connection, cursor = held.connection, held.cursor
-                cursor.execute("BEGIN IMMEDIATE")
-                try:
-                    cursor.executemany(self._sql_release, [{**self._release_params, "lease_id": lease.id} for lease in leases])
-                    connection.commit()
-                except BaseException:
-                    connection.rollback()
-                    raise
+                rows = [{**self._release_params, "key_token": lease.token, "lease_id": lease.id} for lease in leases]
+                with self._admit_lock:  # the admissions' connection
+                    held = self._connections.get()
+                    connection, cursor = held.connection, held.cursor
+                    cursor.execute("BEGIN IMMEDIATE")
+                    try:
+                        cursor.executemany(self._sql_release, rows)
+                        connection.commit()
+                    except BaseException:
+                        connection.rollback()
+                        raise
             else:
-                ids = [lease.id for lease in leases]
                 with self._engine.begin() as conn:
-                    for start in range(0, len(ids), RELEASE_CHUNK):
-                        conn.execute(_RELEASE_MANY, {"ids": ids[start : start + RELEASE_CHUNK]})
+                    for token, ids in _by_token(leases):
+                        for start in range(0, len(ids), RELEASE_CHUNK):
+                            conn.execute(_RELEASE_MANY, {"key_token": token, "ids": ids[start : start + RELEASE_CHUNK]})
         except self._errors:
             metrics.STORE_ERRORS.labels("database", "limit").inc()
             raise
@@ -1075,7 +1155,10 @@ class DatabaseLimiter:
     def _renew_leases(self, leases: list[Lease]) -> None:
         with self._engine.begin() as conn:
             now = self._now(conn)
-            conn.execute(_RENEW, {"ids": [lease.id for lease in leases], "now": now, "expires": now + self.lease_seconds})
+            for token, ids in _by_token(leases):
+                for start in range(0, len(ids), RELEASE_CHUNK):
+                    chunk = ids[start : start + RELEASE_CHUNK]
+                    conn.execute(_RENEW, {"key_token": token, "ids": chunk, "now": now, "expires": now + self.lease_seconds})
 
     def _cleanup(self) -> None:
         if time.monotonic() - self._cleaned < self._cleanup_every:

@@ -62,9 +62,9 @@ def current_version(engine: Engine) -> str | None:
 def upgrade(engine: Engine, timeout: float = LOCK_TIMEOUT) -> str:
     """Migrate the database to the head revision (nothing to do if it is there); return it."""
     if is_sqlite(engine):
-        # Connected first: a file that cannot be opened fails as a database error (OperationalError),
-        # like an unreachable PostgreSQL, not as an OSError from the lock file beside it.
-        with engine.connect() as conn, _file_lock(f"{engine.url.database}.lock", timeout):
+        # Locked before connecting: the first connection to a new file switches it to WAL,
+        # which needs the file to itself, so racing processes wait on the lock file instead.
+        with _file_lock(f"{engine.url.database}.lock", timeout), engine.connect() as conn:
             return _upgrade(conn)
     with engine.connect() as conn, _advisory_lock(conn, timeout):
         return _upgrade(conn)
@@ -126,7 +126,13 @@ def _advisory_lock(conn: Connection, timeout: float) -> Iterator[None]:
 
 @contextmanager
 def _file_lock(path: str, timeout: float) -> Iterator[None]:
-    with open(path, "a") as lock_file:  # "a": created if missing, never truncated
+    try:
+        lock_file = open(path, "a")  # noqa: SIM115 - closed below; "a": created if missing, never truncated
+    except OSError as exc:
+        # A directory that is missing or not writable fails as a database error, like an
+        # unreachable PostgreSQL: the callers treat both as "the database is unavailable".
+        raise OperationalError(f"open {path}", None, exc) from None
+    with lock_file:
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -18,6 +18,7 @@ from sqlalchemy import MetaData
 from sqlalchemy import String
 from sqlalchemy import Table
 from sqlalchemy import Text
+from sqlalchemy import text
 
 metadata = MetaData()
 
@@ -76,16 +77,29 @@ spend_logs = Table(
 # rows admitted in the last 60 s; the parallel limit counts rows whose lease is still live
 # (lease_expires in the future; 0 once released). A worker renews the leases it holds, so
 # the slots of a killed worker come back when their lease runs out.
+#
+# The primary key is (token, id), and an id starts with the key's admission number (fixed-width
+# hex: proxy_app/limiter.py row_id), so a key's rows are in admission (and time) order in the
+# primary key: the rpm window is read from it alone. On SQLite the table is WITHOUT ROWID (the
+# rows live in the primary key's B-tree: https://www.sqlite.org/withoutrowid.html), so an
+# admission writes two B-trees: the table, and the partial index of held leases (a released
+# lease, lease_expires 0, or an rpm-only admission never enters it).
 admissions = Table(
     "proxy_admissions",
     metadata,
+    Column("token", String(64), primary_key=True),
     Column("id", String(36), primary_key=True),
-    Column("token", String(64), nullable=False),
     Column("admitted_at", Float, nullable=False),
     Column("lease_expires", Float, nullable=False),
-    Index("ix_proxy_admissions_token_admitted_at", "token", "admitted_at"),
     # The live slots of a key: lease_expires in the future.
-    Index("ix_proxy_admissions_token_lease_expires", "token", "lease_expires"),
+    Index(
+        "ix_proxy_admissions_token_lease_expires",
+        "token",
+        "lease_expires",
+        sqlite_where=text("lease_expires > 0"),
+        postgresql_where=text("lease_expires > 0"),
+    ),
+    sqlite_with_rowid=False,
 )
 
 # Change notices: a counter per kind of object ("keys", "endpoints"), bumped in the same

@@ -485,3 +485,27 @@ def test_a_refusal_gives_back_this_workers_queued_releases_first(spec):
         assert not limiter.admit(TOKEN, None, 1).allowed  # really one slot
     finally:
         limiter.close()
+
+
+def test_window_stays_exact_after_a_keys_rows_were_cleaned_up(spec):
+    # The database limiter reads the window from the primary key (token, id) and starts its look
+    # for the oldest row at its previous answer: once every row of the key was deleted, the next
+    # numbers must still come after the ones it remembers, here and in another worker.
+    if spec[0] == "redis":
+        pytest.skip("the database limiter's rows")
+    limiter = build(spec, window=0.5, cleanup_every=0.0)
+    other = build(spec, window=0.5, cleanup_every=0.0)
+    try:
+        assert [limiter.admit(TOKEN, 2, None).allowed for _ in range(3)] == [True, True, False]
+        assert not other.admit(TOKEN, 2, None).allowed
+        time.sleep(0.6)
+        limiter.renew_now()  # cleanup: the key has no row left
+        with limiter._engine.connect() as conn:
+            assert conn.execute(schema.admissions.select()).fetchall() == []
+        first = other.admit(TOKEN, 2, None)
+        assert (first.allowed, first.rpm_remaining) == (True, 1)
+        assert [limiter.admit(TOKEN, 2, None).allowed for _ in range(2)] == [True, False]
+        assert not other.admit(TOKEN, 2, None).allowed
+    finally:
+        limiter.close()
+        other.close()

@@ -69,14 +69,20 @@ def upgrade() -> None:
 
     op.create_table(
         "proxy_admissions",
-        sa.Column("id", sa.String(36), nullable=False),
         sa.Column("token", sa.String(64), nullable=False),
+        sa.Column("id", sa.String(36), nullable=False),
         sa.Column("admitted_at", sa.Float(), nullable=False),
         sa.Column("lease_expires", sa.Float(), nullable=False),
-        sa.PrimaryKeyConstraint("id"),
+        sa.PrimaryKeyConstraint("token", "id"),
+        sqlite_with_rowid=False,
     )
-    op.create_index("ix_proxy_admissions_token_admitted_at", "proxy_admissions", ["token", "admitted_at"])
-    op.create_index("ix_proxy_admissions_token_lease_expires", "proxy_admissions", ["token", "lease_expires"])
+    op.create_index(
+        "ix_proxy_admissions_token_lease_expires",
+        "proxy_admissions",
+        ["token", "lease_expires"],
+        sqlite_where=sa.text("lease_expires > 0"),
+        postgresql_where=sa.text("lease_expires > 0"),
+    )
 
     op.create_table(
         "proxy_changes",
@@ -89,7 +95,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("proxy_changes")
     op.drop_index("ix_proxy_admissions_token_lease_expires", table_name="proxy_admissions")
-    op.drop_index("ix_proxy_admissions_token_admitted_at", table_name="proxy_admissions")
     op.drop_table("proxy_admissions")
     op.drop_index("ix_proxy_spend_logs_api_key_start_time", table_name="proxy_spend_logs")
     op.drop_index("ix_proxy_spend_logs_start_time", table_name="proxy_spend_logs")
