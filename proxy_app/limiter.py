@@ -606,9 +606,9 @@ class RedisLimiter:
 
         The admission is the one Redis command of a request: sent on a connection the thread
         keeps, not through ``Redis.execute_command``, whose pool checkout and checkin and
-        per-command instrumentation cost more than the round trip to a local Redis. No retry either way (see :func:`redis_client`). Any
-        failure but an error reply drops the connection, so no half-read reply is left on it;
-        the next call connects again.
+        per-command instrumentation cost more than the round trip to a local Redis. No retry
+        either way (see :func:`redis_client`). Any failure but an error reply drops the
+        connection, so no half-read reply is left on it; the next call connects again.
         """
         connection = getattr(self._local, "connection", None)
         if connection is None or connection.pid != os.getpid():
@@ -616,14 +616,13 @@ class RedisLimiter:
         try:
             # As the pool does at checkout: a connection the server closed (a restart, its
             # idle timeout) reads as EOF here and is opened again before the command is sent,
-            # instead of failing an admission.
-            if connection._sock is not None:
-                try:
-                    stale = connection.can_read()
-                except REDIS_ERRORS:
-                    stale = True
-                if stale:
-                    connection.disconnect()
+            # instead of failing an admission. can_read() connects a connection not yet open.
+            try:
+                stale = connection.can_read()
+            except REDIS_ERRORS:
+                stale = True
+            if stale:
+                connection.disconnect()
             connection.send_command(*command)
             return connection.read_response()
         except redis.exceptions.ResponseError:
