@@ -31,18 +31,20 @@ from proxy_app import metrics
 from proxy_app.auth import key_carriers
 from proxy_app.auth import presented_key
 from proxy_app.body import close_after_response
+from proxy_app.errors import Refusal
 from proxy_app.errors import error_response
+from proxy_app.key_gate import STORE_DOWN
+from proxy_app.key_rules import UNKNOWN_KEY
 from proxy_app.keys import BadField
 from proxy_app.keys import token_for
 from proxy_app.keys import token_of
+from proxy_app.usage import MASTER
 
 log = logging.getLogger("proxy_app")
 
 NO_MASTER_KEY = "The admin API needs general_settings.master_key to be set."
 NO_KEY = "Authentication Error, no key was presented."
-BAD_KEY = "Authentication Error, invalid proxy key."
 NOT_MASTER = "Only the master key may call the admin API."
-STORE_DOWN = "The key store is unavailable; try again shortly."
 KEY_NOT_FOUND = "key not found"
 # An admin body is a few fields; anything larger is not one.
 MAX_BODY = 1 << 20
@@ -54,15 +56,6 @@ MAX_LOG_ROWS = 1000
 # without teams, the others filter on the inert fields stored with the key.
 LIST_PARAMS = {"page", "size", "key_alias", "key_hash", "return_full_object", "include_team_keys", "user_id", "team_id", "organization_id"}
 SPEND_PARAMS = {"api_key", "key_alias", "start_date", "end_date", "limit", "page"}
-MASTER = "master"
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, message: str, kind: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
 
 
 def refuse(environ, status: int, message: str, kind: str, headers: list[tuple[str, str]] = ()) -> Response:
@@ -106,9 +99,9 @@ class Admin:
             try:
                 caller = self.caller(environ)
                 if caller != MASTER and not self_info:
-                    raise _Refused(403, NOT_MASTER, "auth_error")
+                    raise Refusal(403, NOT_MASTER, "auth_error")
                 return view(caller, **kwargs)
-            except _Refused as exc:
+            except Refusal as exc:
                 return refuse(environ, exc.status, exc.message, exc.kind)
             except BadField as exc:
                 return refuse(environ, exc.status, exc.message, "invalid_request_error" if exc.status == 400 else "request_too_large")
@@ -125,19 +118,19 @@ class Admin:
         return run
 
     def caller(self, environ):
-        """MASTER, or the KeyRecord of a working virtual key; else raises _Refused."""
+        """MASTER, or the KeyRecord of a working virtual key; else raises Refusal."""
         if self.master_key is None:
-            raise _Refused(403, NO_MASTER_KEY, "auth_error")
+            raise Refusal(403, NO_MASTER_KEY, "auth_error")
         if key_carriers(environ, self.master_key, None):
             return MASTER
         presented, _carrier = presented_key(environ, None)
         if not presented:
-            raise _Refused(401, NO_KEY, "auth_error")
+            raise Refusal(401, NO_KEY, "auth_error")
         now = time.time()
         # Hashing what was presented: a stored token presented as a key matches nothing.
         record = key_store.find_key(self.engine, token_of(presented), now)
         if record is None or record.blocked or (record.expires is not None and record.expires <= now):
-            raise _Refused(401, BAD_KEY, "auth_error")
+            raise Refusal(401, UNKNOWN_KEY, "auth_error")
         return (record, token_of(presented))
 
     # --- bodies and query strings ----------------------------------------------------------------
@@ -220,7 +213,7 @@ class Admin:
             record, presented_token = caller
             asked = params.get("key")
             if asked and token_for(asked) not in (record.token, presented_token):
-                raise _Refused(403, NOT_MASTER, "auth_error")
+                raise Refusal(403, NOT_MASTER, "auth_error")
         return _json({"key": record.token, "info": keys.describe(record)})
 
     def list(self, _caller):

@@ -48,7 +48,6 @@ from proxy_app.headers import caller_headers
 from proxy_app.headers import outbound_headers
 from proxy_app.headers import response_headers
 from proxy_app.key_gate import KeyGate
-from proxy_app.observe import MASTER
 from proxy_app.observe import RECORD_KEY
 from proxy_app.observe import Record
 from proxy_app.upstream import Transport
@@ -59,6 +58,7 @@ from proxy_app.urls import raw_request_target
 from proxy_app.urls import request_target
 from proxy_app.urls import split_request_target
 from proxy_app.urls import subpath_rest
+from proxy_app.usage import MASTER
 
 log = logging.getLogger("proxy_app")
 

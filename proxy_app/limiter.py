@@ -82,6 +82,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from proxy_app import metrics
 from proxy_app import schema
+from proxy_app.logs import Throttle
 
 log = logging.getLogger("proxy_app")
 
@@ -230,7 +231,7 @@ class LeaseKeeper:
         self._live: dict[str, Lease] = {}
         self._queued: list[Lease] = []
         self._flush_lock = threading.Lock()  # one give_back at a time (thread, flush(), close())
-        self._failed_at: float | None = None  # monotonic time of the last logged failure
+        self._failure_log = Throttle(WARN_EVERY_SECONDS)
         self._dropped = 0
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when a release is queued into an empty queue
@@ -336,14 +337,12 @@ class LeaseKeeper:
                     self._queued = (batch + self._queued)[: self._max_queued]
                 self._log_failure(len(batch), exc)
                 return False
-            self._failed_at = None
+            self._failure_log.reset()
             return True
 
     def _log_failure(self, count: int, exc: BaseException) -> None:
-        now = time.monotonic()
-        if self._failed_at is not None and now - self._failed_at < WARN_EVERY_SECONDS:
+        if not self._failure_log.due():
             return
-        self._failed_at = now
         log.warning(
             "limiter %s: giving back %d released slots failed (%s: %s); kept, tried again (unreleased ones expire by themselves)",
             self._name,
@@ -716,9 +715,8 @@ class WithFallback:
         self.redis = redis_limiter
         self.local = local if local is not None else LocalLimiter(window=redis_limiter.window)
         self._retry_every = retry_every
-        self._warn_every = warn_every
         self._skip_until = 0.0  # monotonic; 0 while Redis is healthy
-        self._warned_at: float | None = None
+        self._outage_log = Throttle(warn_every)
         self._lock = threading.Lock()
 
     @property
@@ -744,12 +742,10 @@ class WithFallback:
     def _failed(self, exc: BaseException) -> None:
         if self.store is not None:
             metrics.STORE_ERRORS.labels(self.store, "limit").inc()
-        now = time.monotonic()
         with self._lock:
-            self._skip_until = now + self._retry_every
-            if self._warned_at is not None and now - self._warned_at < self._warn_every:
-                return
-            self._warned_at = now
+            self._skip_until = time.monotonic() + self._retry_every
+        if not self._outage_log.due():
+            return
         log.warning(
             "%s is unreachable (%s: %s); rate limits fall back to this worker's own counters until it answers",
             self.redis.describe(),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 
 from gunicorn.glogging import Logger as GunicornLogger
 
@@ -104,3 +106,26 @@ def logging_config(level: str = "info", detailed_debug: bool = False) -> dict:
 
 def truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class Throttle:
+    """Lets a repeated log line through at most once per ``every`` seconds (monotonic clock,
+    thread-safe): an outage is logged once a minute, not once per failed call."""
+
+    def __init__(self, every: float = 60.0):
+        self.every = every
+        self._last: float | None = None
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        """True (and the clock restarts) if the line may be logged now."""
+        now = time.monotonic()
+        with self._lock:
+            if self._last is not None and now - self._last < self.every:
+                return False
+            self._last = now
+            return True
+
+    def reset(self) -> None:
+        """The trouble is over: the next occurrence is logged at once."""
+        self._last = None

@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy_app import metrics
+from proxy_app.logs import Throttle
 from proxy_app.migrate import MigrationLockBusy
 from proxy_app.schema import changes
 
 log = logging.getLogger("proxy_app")
 # Revocation must reach every worker within 2 s; a poll every 0.5 s leaves room for a slow read.
 POLL_SECONDS = 0.5
-# A database outage is logged once a minute per process, not twice a second.
-OUTAGE_LOG_SECONDS = 60.0
 
 
 class ChangeWatcher:
@@ -43,7 +41,8 @@ class ChangeWatcher:
         self.seen: dict[str, int] = {}
         self.stale = False
         self.healthy = True
-        self._last_warning = None
+        # A database outage is logged once a minute per process, not twice a second.
+        self._outage_log = Throttle(60.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="proxy-app-change-watcher", daemon=True)
 
@@ -88,7 +87,5 @@ class ChangeWatcher:
         # once it returns, so everything is dropped on the first poll that succeeds again.
         self.stale = True
         self.healthy = False
-        now = time.monotonic()
-        if self._last_warning is None or now - self._last_warning >= OUTAGE_LOG_SECONDS:
-            self._last_warning = now
+        if self._outage_log.due():
             log.warning("database unreachable (change notices): %s", type(getattr(exc, "orig", None) or exc).__name__)

@@ -34,8 +34,6 @@ RECORD_KEY = "proxy_app.record"
 # The status logged and counted for a caller that left before the response ended (nginx's
 # and Caddy's "client closed request").
 CALLER_GONE = 499
-# The usage row's api_key for a caller that presented the master key.
-MASTER = "master"
 _to_json = json.JSONEncoder(separators=(",", ":")).encode
 
 

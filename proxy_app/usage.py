@@ -53,6 +53,7 @@ from sqlalchemy.exc import IntegrityError
 
 from proxy_app import metrics
 from proxy_app.keys import parse_duration
+from proxy_app.logs import Throttle
 from proxy_app.schema import keys
 from proxy_app.schema import spend_logs
 from proxy_app.store import describe
@@ -121,6 +122,11 @@ def insert_sql(dialect, rows: int) -> str:
         f"VALUES {', '.join([one] * rows)} "
         f"ON CONFLICT ({quote('request_id')}) DO NOTHING RETURNING {quote('api_key')}, {quote('spend')}"
     )
+
+
+# The usage row's api_key for a caller that presented the master key (LiteLLM has no token
+# for it either); never a key whose spend is tracked.
+MASTER = "master"
 
 
 class BadRow(ValueError):
@@ -202,7 +208,7 @@ class UsageWriter:
         self._owner_fd: int | None = None
         self._retry_at = 0.0  # monotonic; the database is known down until then
         self._retry_delay = RETRY_FIRST
-        self._warned_at: float | None = None
+        self._outage_log = Throttle(WARN_EVERY)
         self._down = False
         self._next_scan = 0.0
 
@@ -427,7 +433,7 @@ class UsageWriter:
             inserted += conn.exec_driver_sql(insert_sql(self._dialect, len(chunk)), params).all()
         added: dict[str, float] = {}
         for api_key, spend in inserted:
-            if api_key is None or api_key == "master" or not spend or spend < 0:
+            if api_key is None or api_key == MASTER or not spend or spend < 0:
                 continue
             added[api_key] = added.get(api_key, 0.0) + spend
         now = time.time()
@@ -451,8 +457,7 @@ class UsageWriter:
         self._down = True
         self._retry_at = now + self._retry_delay
         self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
-        if self._warned_at is None or now - self._warned_at >= WARN_EVERY:
-            self._warned_at = now
+        if self._outage_log.due():
             log.warning(
                 "usage: cannot write usage rows to the database (%s): %s: %s; holding them in %s",
                 self._database,
