@@ -1,6 +1,6 @@
 """Profile the WSGI app in-process (no gunicorn): CPU per request of the proxy's own code.
 
-    .venv/bin/python bench/profile_app.py --upstream-port PORT [--n 20000] [--profile]
+    .venv/bin/python bench/profile_app.py --upstream-port PORT [--n 20000] [--profile] [--keyed]
 
 Needs an upstream that answers POST /v1/rerank on 127.0.0.1:PORT (bench/upstream.c, or
 any fast server). Calls the app the way gunicorn does (environ, start_response, iterate,
@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--upstream-port", type=int, required=True)
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--keyed", action="store_true", help="an auth: true route and a virtual key with rpm_limit and max_parallel_requests (bench/keyed.py's scenario)")
+    parser.add_argument("--dump", help="with --profile: write the pstats data to this file too")
     parser.add_argument("--production", action="store_true", help="access log on (to /dev/null) and multiprocess metrics, as under gunicorn")
     args = parser.parse_args()
     if args.production:
@@ -95,6 +97,7 @@ def main() -> None:
                     "path": "/bench/rerank",
                     "target": f"http://127.0.0.1:{args.upstream_port}/v1/rerank",
                     "headers": {"Authorization": "bearer bench-cohere-key", "content-type": "application/json"},
+                    "auth": args.keyed,
                 }
             ],
         }
@@ -104,6 +107,13 @@ def main() -> None:
 
     app = create_app(config, environ={"STATE_DIRECTORY": tempfile.mkdtemp(prefix="profile-state-")})
     base = environ_for(args.upstream_port)
+    if args.keyed:
+        answer = app.test_client().post(
+            "/key/generate",
+            json={"rpm_limit": 10**9, "max_parallel_requests": 1000},
+            headers={"Authorization": "Bearer sk-1234"},
+        )
+        base["HTTP_AUTHORIZATION"] = "Bearer " + answer.get_json()["key"]
     for _ in range(500):
         one(app, base)
     profiler = cProfile.Profile() if args.profile else None
@@ -119,6 +129,8 @@ def main() -> None:
     if profiler:
         stats = pstats.Stats(profiler)
         stats.sort_stats("tottime").print_stats(35)
+        if args.dump:
+            stats.dump_stats(args.dump)
 
 
 if __name__ == "__main__":

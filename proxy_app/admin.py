@@ -79,7 +79,7 @@ def refuse(environ, status: int, message: str, kind: str, headers: list[tuple[st
     return response
 
 
-def _json(value, status: int = 200) -> Response:
+def json_response(value, status: int = 200) -> Response:
     return Response(json.dumps(value, separators=(",", ":")), status=status, content_type="application/json")
 
 
@@ -137,6 +137,11 @@ class Admin:
 
     @staticmethod
     def body(table) -> dict:
+        return keys.validate(Admin.json_body({}), table)
+
+    @staticmethod
+    def json_body(empty):
+        """The request body parsed as JSON; ``empty`` when there is none."""
         try:
             raw = request.stream.read(MAX_BODY + 1)
         except ClientDisconnected:
@@ -144,12 +149,11 @@ class Admin:
         if len(raw) > MAX_BODY:
             raise BadField("The request body is too large.", 413)
         if not raw.strip():
-            return keys.validate({}, table)
+            return empty
         try:
-            parsed = json.loads(raw)
+            return json.loads(raw)
         except ValueError:  # UnicodeDecodeError is one
             raise BadField("The request body is not valid JSON.") from None
-        return keys.validate(parsed, table)
 
     @staticmethod
     def params(allowed: set[str]) -> dict[str, str]:
@@ -176,7 +180,7 @@ class Admin:
         changes = keys.changes_of(fields, now, update=False)
         record = key_store.create_key(self.engine, token_of(key), keys.key_name(key), changes.columns, changes.extra, now)
         log.info("admin: key %s generated (alias %s)", record.token, record.key_alias)
-        return _json({"key": key, **keys.describe(record)})
+        return json_response({"key": key, **keys.describe(record)})
 
     def update(self, _caller):
         fields = self.body(keys.UPDATE_FIELDS)
@@ -185,7 +189,7 @@ class Admin:
         changes = keys.changes_of(fields, now, update=True)
         record = key_store.update_key(self.engine, token, changes.columns, changes.extra, now)
         log.info("admin: key %s updated (%s)", record.token, ", ".join(sorted(fields)) or "no fields")
-        return _json({"key": record.token, **keys.describe(record)})
+        return json_response({"key": record.token, **keys.describe(record)})
 
     def named_key(self, fields: dict) -> str:
         """The token of the key an update names: by ``key``, else (LiteLLM) by ``key_alias``, which then changes nothing."""
@@ -214,7 +218,7 @@ class Admin:
             asked = params.get("key")
             if asked and token_for(asked) not in (record.token, presented_token):
                 raise Refusal(403, NOT_MASTER, "auth_error")
-        return _json({"key": record.token, "info": keys.describe(record)})
+        return json_response({"key": record.token, "info": keys.describe(record)})
 
     def list(self, _caller):
         params = self.params(LIST_PARAMS)
@@ -227,7 +231,7 @@ class Admin:
         token = token_for(params["key_hash"]) if params.get("key_hash") else None
         alias = params.get("key_alias") or None
         found, total = key_store.list_keys(self.engine, page=page, size=size, key_alias=alias, token=token, extra=extra)
-        return _json(
+        return json_response(
             {
                 "keys": [keys.describe(record) if full == "true" else record.token for record in found],
                 "total_count": total,
@@ -250,7 +254,7 @@ class Admin:
             raise BadField("keys or key_aliases is required")
         if deleted:
             log.info("admin: %d key(s) deleted: %s", len(deleted), ", ".join(deleted))
-        return _json({"deleted_keys": deleted, "not_found": not_found})
+        return json_response({"deleted_keys": deleted, "not_found": not_found})
 
     def block(self, _caller, *, blocked: bool = True):
         fields = self.body(keys.KEY_FIELD)
@@ -258,7 +262,7 @@ class Admin:
             raise BadField("key is required")
         record = key_store.set_blocked(self.engine, token_for(fields["key"]), blocked, time.time())
         log.info("admin: key %s %s", record.token, "blocked" if blocked else "unblocked")
-        return _json({"key": record.token, **keys.describe(record)})
+        return json_response({"key": record.token, **keys.describe(record)})
 
     def unblock(self, caller):
         return self.block(caller, blocked=False)
@@ -287,7 +291,7 @@ class Admin:
         changes = keys.changes_of(fields, now, update=True)
         record = key_store.regenerate_key(self.engine, token, new_token, keys.key_name(new_key), grace, now, changes.columns, changes.extra)
         log.info("admin: key %s regenerated as %s (old key valid for %ds)", token, record.token, grace)
-        return _json({"key": new_key, **keys.describe(record)})
+        return json_response({"key": new_key, **keys.describe(record)})
 
     def spend_logs(self, _caller):
         params = self.params(SPEND_PARAMS)
@@ -313,10 +317,10 @@ class Admin:
             limit=limit,
             page=page,
         )
-        return _json([keys.describe_usage(row) for row in rows])
+        return json_response([keys.describe_usage(row) for row in rows])
 
 
-def init_app(app, settings, engine) -> None:
+def init_app(app, settings, engine) -> Admin:
     """Register the admin routes on ``app``; ``engine`` is the worker's store (proxy_app/store.py)."""
     admin = Admin(settings, engine)
     routes = [
@@ -333,3 +337,4 @@ def init_app(app, settings, engine) -> None:
     ]
     for path, method, view in routes:
         app.add_url_rule(path, endpoint="admin:" + path, view_func=view, methods=[method], provide_automatic_options=False)
+    return admin

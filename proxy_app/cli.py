@@ -26,6 +26,7 @@ import sys
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from proxy_app import endpoint_store
 from proxy_app import migrate
 from proxy_app import package_version
 from proxy_app.bind import BindError
@@ -36,9 +37,13 @@ from proxy_app.config import config_path
 from proxy_app.config import load_config
 from proxy_app.config import print_problems
 from proxy_app.config import summary
+from proxy_app.endpoint_secrets import cipher
+from proxy_app.endpoint_store import StoredEndpoint
 from proxy_app.store import describe
 from proxy_app.store import make_engine
 from proxy_app.store import sqlite_path
+from proxy_app.stored_endpoints import Unservable
+from proxy_app.stored_endpoints import resolve
 
 GUNICORN_SETTINGS = "python:proxy_app.gunicorn_conf"
 WSGI_APP = "proxy_app.wsgi:app"
@@ -102,15 +107,21 @@ def check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_problems(exc)
         return 1
-    print(route_table(settings))
+    store_line, stored = store_report(settings)
+    served = [resolve(row, settings, os.environ, cipher(os.environ)) for row in stored]
+    print(route_table(settings, list(zip(stored, served, strict=True))))
     for line in report(settings):
         print(line)
-    print(store_report(settings))
+    for row, endpoint in zip(stored, served, strict=True):
+        if isinstance(endpoint, Unservable):
+            print(f"warning: stored endpoint {row.id}: {endpoint.message}")
+    print(store_line)
     return 0
 
 
-def store_report(settings: Settings, environ=os.environ) -> str:
-    """The database (password hidden), its schema version against this code's, and Redis.
+def store_report(settings: Settings, environ=os.environ) -> tuple[str, list[StoredEndpoint]]:
+    """The database (password hidden), its schema version against this code's, and Redis; and
+    the endpoints stored through the endpoint API, when the schema has them.
 
     Connecting is part of the check; an unreachable database is reported, not an error:
     the proxy starts without it (virtual keys answer 503 until it is back).
@@ -119,10 +130,13 @@ def store_report(settings: Settings, environ=os.environ) -> str:
     redis = "limit counters in Redis" if settings.redis_url else "limit counters in the database (no REDIS_URL)"
     if settings.database_url is None and not os.path.exists(sqlite_path(environ)):
         # Opening it would create it: a check leaves no state behind.
-        return f"store: {describe(None, environ)}: not created yet (created at start, schema {head}); {redis}"
+        return f"store: {describe(None, environ)}: not created yet (created at start, schema {head}); {redis}", []
     engine = make_engine(settings.database_url, environ)
+    stored: list[StoredEndpoint] = []
     try:
         version = migrate.current_version(engine)
+        if version is not None and version >= migrate.ENDPOINTS_REVISION:
+            stored = endpoint_store.list_stored(engine)
     except SQLAlchemyError as exc:
         state = f"unreachable ({type(getattr(exc, 'orig', None) or exc).__name__})"
     else:
@@ -134,7 +148,7 @@ def store_report(settings: Settings, environ=os.environ) -> str:
             state = f"schema {version} (migrated to {head} at start)"
     finally:
         engine.dispose()
-    return f"store: {describe(settings.database_url, environ)}: {state}; {redis}"
+    return f"store: {describe(settings.database_url, environ)}: {state}; {redis}", stored
 
 
 def report(settings: Settings) -> list[str]:
@@ -145,24 +159,36 @@ def report(settings: Settings) -> list[str]:
     return lines
 
 
-def route_table(settings: Settings) -> str:
-    """Path, methods, target host, auth and injected header *names*; never a value."""
-    rows = [("PATH", "METHODS", "TARGET HOST", "AUTH", "SUBPATHS", "INJECTED HEADERS")]
+def route_table(settings: Settings, stored: list | None = None) -> str:
+    """Path, methods, target host, auth, injected header *names* and where each endpoint comes
+    from (the config file, or the store with its id); never a value. ``stored``: (row, what
+    :func:`proxy_app.stored_endpoints.resolve` made of it) pairs."""
+    rows = [("PATH", "METHODS", "TARGET HOST", "AUTH", "SUBPATHS", "INJECTED HEADERS", "SOURCE")]
     for e in settings.endpoints:
-        rows.append(
-            (
-                e.path,
-                ",".join(sorted(e.methods)),
-                e.netloc or e.target,  # an unresolved os.environ/NAME target shows the reference
-                "keys" if e.auth else "open",
-                "yes" if e.include_subpath else "no",
-                ", ".join(name for name, _ in e.headers) or "-",
-            )
-        )
+        rows.append(_route_row(e, "config"))
+    for row, endpoint in stored or ():
+        if isinstance(endpoint, Unservable):
+            rows.append((endpoint.path, ",".join(sorted(endpoint.methods)), "-", "-", "-", "-", f"stored {row.id} (cannot be served here)"))
+        else:
+            rows.append(_route_row(endpoint, f"stored {row.id}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     header = f"{settings.source}: {len(settings.endpoints)} endpoint(s), master key {'set' if settings.master_key else 'not set'}"
+    if stored:
+        header += f"; {len(stored)} stored endpoint(s)"
     return "\n".join([header, *lines])
+
+
+def _route_row(e, source: str) -> tuple[str, ...]:
+    return (
+        e.path,
+        ",".join(sorted(e.methods)),
+        e.netloc or e.target,  # an unresolved os.environ/NAME target shows the reference
+        "keys" if e.auth else "open",
+        "yes" if e.include_subpath else "no",
+        ", ".join(name for name, _ in e.headers) or "-",
+        source,
+    )
 
 
 def serve(args: argparse.Namespace, bind: str) -> int:

@@ -45,7 +45,19 @@ from proxy_app.headers import HOP_BY_HOP
 from proxy_app.headers import is_token
 from proxy_app.urls import has_dot_segment
 
-__all__ = ["ConfigError", "Endpoint", "Settings", "config_path", "load_config", "log_summary", "print_problems", "read_yaml", "summary"]
+__all__ = [
+    "ConfigError",
+    "Endpoint",
+    "EntryCheck",
+    "Settings",
+    "check_entry",
+    "config_path",
+    "load_config",
+    "log_summary",
+    "print_problems",
+    "read_yaml",
+    "summary",
+]
 
 log = logging.getLogger("proxy_app")
 
@@ -130,6 +142,11 @@ class Endpoint:
     configured_names: frozenset[str] = field(default=frozenset())
     # The target came from os.environ/: its path or query may itself be a secret.
     target_is_secret: bool = False
+    # The entry as written (os.environ/ references unresolved): what the endpoint API lists,
+    # header values redacted (proxy_app/endpoint_rules.py).
+    written: Mapping = field(default_factory=dict, compare=False, repr=False)
+    # Set for an endpoint stored through the endpoint API; None for the config file's.
+    id: str | None = None
 
     @property
     def origin(self) -> str:
@@ -142,6 +159,8 @@ class Settings:
     master_key: str | None
     endpoints: tuple[Endpoint, ...]
     connect_timeout: float = CONNECT_TIMEOUT
+    # pass_through_request_timeout: the timeout of an endpoint that sets none (stored ones too).
+    default_timeout: float = DEFAULT_TIMEOUT
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     # check --allow-missing-env only: os.environ/ references left unresolved. Settings
@@ -219,6 +238,7 @@ class _Validator:
         self.unset_aliases: dict[str, str] = {}
         self.problems: list[str] = []
         self.unresolved: list[str] = []
+        self.missing: list[str] = []  # the names of the unset variables behind ``unresolved``
         self.labels: dict[int, tuple[str, str]] = {}  # endpoint index -> (file, "pass_through_endpoints[i]")
 
     def problem(self, where: str, message: str) -> None:
@@ -285,6 +305,7 @@ class _Validator:
             source=self.source,
             master_key=master_key,
             endpoints=tuple(endpoints),
+            default_timeout=default_timeout,
             ignored=tuple(ignored),
             warnings=tuple(warnings),
             unresolved=tuple(self.unresolved),
@@ -322,6 +343,7 @@ class _Validator:
                 message += f" ({ENV_SECTION}.{name} copies {self.unset_aliases[name]}, which is not set)"
             if self.allow_missing_env:
                 self.unresolved.append(f"{self.file}: {where}: {message}")
+                self.missing.append(name)
                 return _Unresolved(value)
             self.problem(where, message)
             return None
@@ -436,6 +458,7 @@ class _Validator:
             default_query_params=defaults,
             configured_names=frozenset(name.lower() for name, _ in headers),
             target_is_secret=ENV_PREFIX in entry.get("target", ""),
+            written=dict(entry),
             **flags,
         )
 
@@ -591,6 +614,39 @@ class _Validator:
                         f"{file}: {label} ({second.path}).methods: {', '.join(sorted(shared))} already served by "
                         f"{self.label(first.index, seen_from=file)} on the same path; give entries sharing a path disjoint methods"
                     )
+
+
+@dataclass(frozen=True)
+class EntryCheck:
+    """What :func:`check_entry` found: the endpoint (None if there were problems), the
+    problems, and the variables this environment lacks (their values left unresolved)."""
+
+    endpoint: Endpoint | None
+    problems: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
+def check_entry(
+    entry: object,
+    environ: Mapping[str, str],
+    *,
+    master_key: str | None,
+    source: str,
+    label: str,
+    default_timeout: float = DEFAULT_TIMEOUT,
+) -> EntryCheck:
+    """Validate one ``pass_through_endpoints`` entry from outside the config file (the endpoint
+    API, the store) with the config file's checks and messages: each problem names ``source``
+    and the field, as ``{source}: {label} ({path}).{field}: {message}``.
+
+    An unset ``os.environ/`` variable is not a problem here: it is listed in ``missing`` and
+    the endpoint is built with the reference unresolved (each instance resolves a stored
+    endpoint from its own environment; one that lacks a variable cannot serve it).
+    """
+    validator = _Validator(Tree({}, source), environ, allow_missing_env=True)
+    validator.labels[-1] = (source, label)
+    endpoint = validator.endpoint(-1, entry, default_timeout, master_key)
+    return EntryCheck(endpoint if not validator.problems else None, tuple(validator.problems), tuple(dict.fromkeys(validator.missing)))
 
 
 def _is_number(value: object) -> bool:

@@ -15,15 +15,17 @@ from collections.abc import Mapping
 from flask import Flask
 
 from proxy_app import admin
+from proxy_app import endpoint_admin
+from proxy_app import endpoint_store
 from proxy_app import errors
 from proxy_app import health
 from proxy_app import lifecycle
 from proxy_app import metrics
-from proxy_app import routes
 from proxy_app.app import ProxyFlask
 from proxy_app.config import Settings
 from proxy_app.config import load_config
 from proxy_app.config import log_summary
+from proxy_app.endpoint_table import EndpointTable
 from proxy_app.forward import Forwarder
 from proxy_app.logs import truthy
 from proxy_app.observe import AccessLog
@@ -58,8 +60,13 @@ def create_app(config: str | os.PathLike | Mapping | Settings | None = None, env
     errors.init_app(app)
     health.init_app(app, settings, stores.watcher)
     metrics.init_app(app)
-    admin.init_app(app, settings, stores.engine)
-    routes.init_app(app, settings.endpoints, Forwarder(settings, transport, detailed_debug, stores.gate))
+    admin_api = admin.init_app(app, settings, stores.engine)
+    table = EndpointTable(app, settings, stores.engine, Forwarder(settings, transport, detailed_debug, stores.gate), environ)
+    endpoint_admin.init_app(app, admin_api, table)
+    app.extensions["proxy_app.endpoints"] = table
+    # After every route of the proxy's own is registered: each routing table copies them.
+    table.load_at_start()
+    stores.watcher.listeners[endpoint_store.ENDPOINTS] = table.reload
     app.wsgi_app = AccessLog(app.wsgi_app, usage=stores.usage, release=stores.gate.release)
     stores.start()
     stores.stop_with(app)

@@ -150,7 +150,9 @@ class Forwarder:
         self.gate = gate
         self.debug = detailed_debug
         # connect: to reach the upstream; read: the most silence allowed between its bytes.
-        self.timeouts = {e.index: Timeout(connect=settings.connect_timeout, read=e.timeout) for e in settings.endpoints}
+        # One Timeout per read timeout in use (stored endpoints come and go at run time).
+        self.connect_timeout = settings.connect_timeout
+        self.timeouts: dict[float, Timeout] = {}
 
     def __call__(self, endpoint: Endpoint, subpath: bool) -> Response:
         environ = request.environ
@@ -200,12 +202,18 @@ class Forwarder:
             debug_request(record.call_id, outgoing.method, endpoint.origin, shown_path, outgoing.query, outgoing.headers)
         body = request_body(environ, outgoing.headers)
         upstream = self.transport.send(
-            outgoing.method, endpoint.origin, outgoing.target, outgoing.headers, body, self.timeouts[endpoint.index]
+            outgoing.method, endpoint.origin, outgoing.target, outgoing.headers, body, self.timeout(endpoint.timeout)
         )
         record.ttfb = time.perf_counter() - record.started
         if self.debug:
             debug_response(record.call_id, upstream)
         return upstream
+
+    def timeout(self, read: float) -> Timeout:
+        timeout = self.timeouts.get(read)
+        if timeout is None:
+            timeout = self.timeouts[read] = Timeout(connect=self.connect_timeout, read=read)
+        return timeout
 
     def handle_error(self, environ, endpoint: Endpoint, record: Record, exc: Exception) -> Response:
         """The answer when the call stops before a response is relayed; nothing was sent yet."""

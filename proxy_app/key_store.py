@@ -177,7 +177,7 @@ def _alias_taken(conn, alias: str | None, ignore: str = "") -> None:
         raise KeyConflict("A key with this key_alias already exists.")
 
 
-def _write_transaction(conn) -> None:
+def write_transaction(conn) -> None:
     """Take SQLite's write lock before the first read (waiting under busy_timeout), so the
     checks and the read-modify-write of a change see what they then write over; PostgreSQL
     locks the key's row instead (``FOR UPDATE`` in :func:`_apply`)."""
@@ -190,7 +190,7 @@ def _changing(engine: Engine):
     """One transaction that bumps the "keys" generation; a unique-constraint race is a 409."""
     try:
         with engine.begin() as conn:
-            _write_transaction(conn)
+            write_transaction(conn)
             yield conn
             bump(conn, KEYS)
     except IntegrityError:
@@ -292,7 +292,7 @@ def _delete(engine: Engine, column, values: list[str]) -> tuple[list[str], list[
     if not values:
         return [], []
     with engine.begin() as conn:
-        _write_transaction(conn)
+        write_transaction(conn)
         found = set(conn.execute(select(column).where(column.in_(values))).scalars())
         if found:
             conn.execute(delete(keys).where(column.in_(found)))

@@ -44,6 +44,10 @@ LOCK_ID = 0x70726F7879617070
 LOCK_TIMEOUT = 120.0  # seconds to wait for another instance's migration to finish
 
 
+# The first revision with proxy_endpoints (revisions are zero-padded: they compare as strings).
+ENDPOINTS_REVISION = "0002"
+
+
 class MigrationLockBusy(Exception):
     """Another process held the migration lock for longer than the timeout."""
 

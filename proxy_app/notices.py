@@ -61,10 +61,11 @@ class ChangeWatcher:
             current = dict(conn.execute(select(changes.c.name, changes.c.generation)).all())
         for name, listener in self.listeners.items():
             generation = current.get(name, 0)
-            # The first poll only learns where the counters stand. The first one after an
-            # outage calls every listener: what was cached is re-read, whatever the counters
-            # say (a counter row restored from a backup could even have gone back).
-            if self.stale or (name in self.seen and self.seen[name] != generation):
+            # The first poll calls every listener (a change made between the worker's first
+            # read and this poll would otherwise go unseen), and so does the first one after
+            # an outage: what was cached is re-read, whatever the counters say (a counter row
+            # restored from a backup could even have gone back).
+            if self.stale or self.seen.get(name) != generation:
                 listener()
             self.seen[name] = generation
         self.stale = False

@@ -111,3 +111,18 @@ changes = Table(
     Column("name", String(32), primary_key=True),
     Column("generation", Integer, nullable=False),
 )
+
+# Pass-through endpoints added through the endpoint API (proxy_app/endpoint_admin.py). ``entry``
+# is the effective entry as written (proxy_app/endpoint_rules.py), its literal header values
+# replaced by "<redacted>"; those values are in ``sealed``, one Fernet token
+# (proxy_app/endpoint_secrets.py), never in clear.
+endpoints = Table(
+    "proxy_endpoints",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("path", Text, nullable=False),
+    Column("entry", JSON, nullable=False),
+    Column("sealed", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)

@@ -281,3 +281,40 @@ def test_flags_replace_only_their_half_of_proxy_bind(tmp_path, proxy_env, proxy_
         assert f"Listening at: http://{listens.format(**fill)} " in log_path.read_text()
         assert answers(port)
         assert not answers(other)
+
+
+def test_check_lists_config_and_stored_endpoints_with_their_source(tmp_path, proxy_env):
+    """``check`` reads the store the proxy would use and lists what the endpoint API stored
+    there beside the config file's endpoints, saying where each comes from; one this machine
+    cannot serve (a variable it lacks) is marked and explained, never with a value."""
+    from proxy_app import create_app
+
+    state = tmp_path / "state"
+    state.mkdir()
+    config = {
+        "general_settings": {
+            "master_key": "sk-1",
+            "pass_through_endpoints": [{"path": "/p", "target": "https://h.example/", "headers": {"x-api-key": "os.environ/SECRET"}}],
+        }
+    }
+    path = write_config(tmp_path, config)
+    env = {**proxy_env, "STATE_DIRECTORY": str(state), "LITELLM_SALT_KEY": "cli-salt"}
+    app = create_app(str(path), environ=env)
+    client = app.test_client(use_cookies=False)
+    for body in (
+        {"id": "made-1", "path": "/made", "target": "https://api.example/v1", "methods": ["POST"], "headers": {"Authorization": "bearer lit-SECRET-9"}},
+        {"id": "made-2", "path": "/elsewhere", "target": "https://api.example/v2", "headers": {"X-K": "os.environ/ONLY_ON_ANOTHER_VM"}},
+    ):
+        made = client.post("/config/pass_through_endpoint", json=body, headers={"Authorization": "Bearer sk-1"})
+        assert made.status_code == 200, made.get_json()
+    app.extensions["proxy_app.stores"].stop()
+
+    done = run_cli("check", "--config", str(path), env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("/")}
+    assert rows["/p"].endswith("config")
+    assert "api.example" in rows["/made"] and rows["/made"].split()[1] == "POST" and rows["/made"].endswith("stored made-1")
+    assert rows["/elsewhere"].endswith("stored made-2 (cannot be served here)")
+    assert "warning: stored endpoint made-2: endpoint /elsewhere cannot be served by this instance: environment variable ONLY_ON_ANOTHER_VM is not set here" in done.stdout
+    assert "1 endpoint(s), master key set; 2 stored endpoint(s)" in done.stdout
+    assert "lit-SECRET" not in done.stdout + done.stderr and SECRET not in done.stdout + done.stderr
