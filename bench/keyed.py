@@ -159,23 +159,36 @@ def run_store(store: str, args, workdir: Path, upstream_port: int, cpus: tuple[i
         routes = {"open": ("/bench/rerank", f"Bearer {MASTER_KEY}"), "keyed": ("/bench/keyed", f"Bearer {key}")}
         runs = {name: [] for name in routes}
         cpu = {name: [] for name in routes}
+        switches = {name: [] for name in routes}
         sent = 4  # check_routes' requests (the refused ones are recorded too)
         for rep in range(args.reps):
             for name in (["open", "keyed"] if rep % 2 == 0 else ["keyed", "open"]):
                 path, authorization = routes[name]
-                before = single.cpu_seconds(worker)
+                before, switched = single.cpu_seconds(worker), context_switches(worker)
                 result = single.h2load(
                     f"http://127.0.0.1:{proxy_port}{path}", authorization, args.concurrency, args.seconds, workdir, load_cpu
                 )
                 cpu[name].append((single.cpu_seconds(worker) - before) / max(result["done"], 1) * 1e6)
+                switches[name].append((context_switches(worker) - switched) / max(result["done"], 1))
                 runs[name].append(result)
                 sent += result["done"]
         stop(procs.pop())
         log.close()
-        return {"store": store, "runs": runs, "cpu": cpu, "sent": sent, "rows": usage_rows(state_dir)}
+        return {"store": store, "runs": runs, "cpu": cpu, "switches": switches, "sent": sent, "rows": usage_rows(state_dir)}
     finally:
         for proc in reversed(procs):
             stop(proc)
+
+
+def context_switches(pid: int) -> int:
+    """The worker's context switches so far, its threads' included (voluntary: it waited on a
+    lock, the GIL or I/O; involuntary: the scheduler took the CPU away)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
 
 
 def report(results: list[dict], args, split: bool) -> int:
@@ -183,8 +196,9 @@ def report(results: list[dict], args, split: bool) -> int:
           f"c={args.concurrency}, {args.reps} x {args.seconds:g} s per route, open and keyed alternating, medians; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print("| store | open req/s | keyed req/s | keyed/open | target | open p50 / p99 ms | keyed p50 / p99 ms "
-          "| open CPU us/req | keyed CPU us/req | usage rows / requests answered | failed |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| open CPU us/req | keyed CPU us/req | context switches per request, open / keyed "
+          "| usage rows / requests answered | failed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     failed = 0
     for r in results:
         med = {name: {k: statistics.median(run[k] for run in runs) for k in ("rps", "p50", "p99")} for name, runs in r["runs"].items()}
@@ -198,6 +212,7 @@ def report(results: list[dict], args, split: bool) -> int:
             f">= {target}x: {'met' if ratio >= target else 'NOT met'} | "
             f"{med['open']['p50']:.2f} / {med['open']['p99']:.2f} | {med['keyed']['p50']:.2f} / {med['keyed']['p99']:.2f} | "
             f"{statistics.median(r['cpu']['open']):.0f} | {statistics.median(r['cpu']['keyed']):.0f} | "
+            f"{statistics.median(r['switches']['open']):.1f} / {statistics.median(r['switches']['keyed']):.1f} | "
             f"{rows} / {r['sent']:,} | {lost} |"
         )
     return 1 if failed else 0

@@ -33,8 +33,10 @@ def sqlite_engine(path: str):
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection, _record):
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # busy_timeout first, as proxy_app/store.py does: switching to WAL needs a lock that
+        # another process's connection may hold (a busy CI machine showed "database is locked").
         cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
