@@ -62,7 +62,15 @@ def build(spec, **options):
 def spec(request, tmp_path):
     if request.param == "sqlite":
         path = str(tmp_path / "limits.db")
-        schema.metadata.create_all(sqlite_engine(path))
+        created = sqlite_engine(path)
+        schema.metadata.create_all(created)
+        # Closed now, not whenever garbage collection gets to it: a connection open in this
+        # process when a test forks is copied into the children with SQLite's in-memory lock
+        # and shared-memory state, which their own connections to the file then trust
+        # ("do not open a database connection, then fork()",
+        # https://www.sqlite.org/howtocorrupt.html). The proxy's master disposes its engine
+        # before forking for the same reason (proxy_app/lifecycle.py).
+        created.dispose()
         return ("sqlite", path)
     if request.param == "postgresql":
         url = request.getfixturevalue("pg_url")
@@ -272,11 +280,13 @@ def test_sliding_window_has_no_edge_burst(spec, kind):
 
 
 def test_renewal_keeps_a_live_lease(spec):
-    limiter = build(spec, lease_seconds=1.0, renew_every=0.2)
+    # Renewed every 0.2 s, a 2 s lease outlives a stall of the renewal thread of up to 1.8 s
+    # (a loaded CI machine); unrenewed it would have expired by the check at 3 s.
+    limiter = build(spec, lease_seconds=2.0, renew_every=0.2)
     try:
         held = limiter.admit(TOKEN, None, 1)
         assert held.allowed
-        time.sleep(2.0)
+        time.sleep(3.0)
         assert not limiter.admit(TOKEN, None, 1).allowed
         limiter.release(held.lease)
         limiter.flush()
@@ -450,7 +460,9 @@ def test_releases_survive_a_brief_redis_outage(tmp_path, caplog):
 def test_releases_survive_a_brief_database_outage(tmp_path):
     # SQLite's outage: another process holds the write lock longer than busy_timeout allows.
     path = str(tmp_path / "limits.db")
-    schema.metadata.create_all(sqlite_engine(path))
+    created = sqlite_engine(path)
+    schema.metadata.create_all(created)
+    created.dispose()
     limiter = DatabaseLimiter(sqlite_engine(path))
     other = DatabaseLimiter(sqlite_engine(path))
     blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
