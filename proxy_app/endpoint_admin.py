@@ -152,6 +152,11 @@ class EndpointAdmin:
         body = self.admin.json_body(None)
         if not isinstance(body, dict):
             raise BadField("The request body must be a JSON object with the endpoint's fields.")
+        # What GET lists for a stored endpoint may be posted back as it is.
+        if body.get("is_from_config") in (False, None):
+            body.pop("is_from_config", None)
+        else:
+            raise BadField(f"{BODY}: is_from_config: only the config file makes config endpoints (edit the file and reload)")
         return body
 
     def check(self, entry: dict, problems: list[str]) -> None:

@@ -3,7 +3,7 @@
 An endpoint entry here is a dict of the config file's fields. Its *effective* form
 (:func:`effective`) has every field, each at its default when absent or null, so that two
 entries that serve the same way compare equal: a create retried with the same body is a
-no-op, and an entry listed by ``GET`` can be posted back as it is. Header values are kept as
+no-op, and an entry listed by ``GET`` can be posted back to its update route as it is. Header values are kept as
 written: an ``os.environ/NAME`` reference is not a secret; a literal value is one, listed
 as :data:`REDACTED` and stored sealed (proxy_app/endpoint_secrets.py).
 """

@@ -206,6 +206,12 @@ def test_update_changes_fields_and_null_resets_one(make_api, upstream):
     assert seen.path == "/v1/rerank/deeper/path"
     assert seen.header("authorization") == LITERAL  # "<redacted>" kept the stored value
     assert seen.header("x-new") == "n"
+    # What GET lists can be posted back to the update route as it is: nothing changes.
+    (listed,) = api.call("GET", f"{API}?endpoint_id=u").get_json()["endpoints"]
+    before = stored_rows(api)
+    assert api.call("POST", f"{API}/u", listed).get_json() == listed
+    assert stored_rows(api) == before
+    assert api.call("POST", f"{API}/u", {"is_from_config": True}).status_code == 400
     gone = api.call("POST", f"{API}/u", {"headers": None})
     assert gone.get_json()["headers"] == {}
     api.client.get("/u")

@@ -8,7 +8,7 @@ serves it; a literal value sealed by one is opened by the other with the same
 ``LITELLM_SALT_KEY``.
 
 The PostgreSQL and Redis servers are the session's real ones (tests/servers.py fixtures
-``pg_url``, ``redis_url``: a new database per test); nothing is mocked.
+``postgres``, ``redis_server``: a new database for this module); nothing is mocked.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import re
 import time
 
+import psycopg
 import pytest
 
 from tests.conftest import config_for
@@ -40,6 +41,7 @@ from tests.test_endpoints_e2e import target_of
 from tests.test_keys_e2e import admin
 from tests.test_keys_e2e import concurrently
 from tests.test_keys_e2e import instance_env
+from tests.upstream import Upstream
 
 WORKERS = 3
 THREADS = 8
@@ -47,25 +49,43 @@ ONLY_ON_A = "ONLY_ON_A_TOKEN"  # set on instance A, not on B
 ONLY_ON_A_VALUE = "only-on-a-value-31b7"
 
 
-@pytest.fixture
-def cluster(tmp_path, upstream, pg_url, redis_url):
-    """Two instances (A, B) on one PostgreSQL database (DATABASE_URL) and one Redis."""
+@pytest.fixture(scope="module")
+def upstream():
+    """One recording upstream for the module's cluster (each test uses paths of its own)."""
+    with Upstream() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, upstream, postgres, redis_server):
+    """Two instances (A, B) on one PostgreSQL database (DATABASE_URL) and one Redis, shared by
+    the module's tests (starting two 3-worker instances costs seconds; each test uses its own
+    paths and ids)."""
+    tmp_path = tmp_path_factory.mktemp("endpoints-cluster")
+    postgres.start()  # an earlier test may have left it stopped
+    pg_url = postgres.new_database()
+    redis_server.start()
+    redis_server.flush()
     config = write_config(tmp_path, config_for(*config_endpoints(upstream.url)))
-    with contextlib.ExitStack() as stack:
-        servers = []
-        for name in ("a", "b"):
-            extra = {"DATABASE_URL": pg_url, "REDIS_URL": redis_url, "LITELLM_SALT_KEY": SALT_KEY, "UPSTREAM_TOKEN": TOKEN}
-            if name == "a":
-                extra[ONLY_ON_A] = ONLY_ON_A_VALUE
-            env = instance_env(tmp_path / f"state-{name}", **extra)
-            if name == "b":
-                env.pop(ONLY_ON_A, None)
-            servers.append(stack.enter_context(run_gunicorn(config, env, workers=WORKERS, threads=THREADS)))
-        for server in servers:
-            wait_until(lambda s=server: len(s.worker_pids()) == WORKERS, 20, "three workers")
-        yield servers
-        for server in servers:
-            assert "Traceback" not in server.log(), server.log()[-3000:]
+    try:
+        with contextlib.ExitStack() as stack:
+            servers = []
+            for name in ("a", "b"):
+                extra = {"DATABASE_URL": pg_url, "REDIS_URL": redis_server.url, "LITELLM_SALT_KEY": SALT_KEY, "UPSTREAM_TOKEN": TOKEN}
+                if name == "a":
+                    extra[ONLY_ON_A] = ONLY_ON_A_VALUE
+                env = instance_env(tmp_path / f"state-{name}", **extra)
+                if name == "b":
+                    env.pop(ONLY_ON_A, None)
+                servers.append(stack.enter_context(run_gunicorn(config, env, workers=WORKERS, threads=THREADS)))
+            for server in servers:
+                wait_until(lambda s=server: len(s.worker_pids()) == WORKERS, 20, "three workers")
+            yield servers
+            for server in servers:
+                assert "Traceback" not in server.log(), server.log()[-3000:]
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            postgres.drop_database(pg_url)
 
 
 def converge_both(servers, path: str, is_new, since: float) -> list[float]:

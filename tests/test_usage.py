@@ -580,7 +580,7 @@ def test_writers_in_several_processes_add_every_spend(tmp_path, engine):
 def test_add_cost(tmp_path, sqlite_url):
     # Printed, not asserted: the machine's speed varies. Run with -s to see it.
     engine = make_engine(sqlite_url)
-    n = 200_000
+    n = 50_000
     items = [row(f"r{i}") for i in range(n)]
     writer = UsageWriter(engine, str(tmp_path / "spool"), max_held=10**9, batch_size=10**9)
     started = time.perf_counter_ns()
