@@ -70,7 +70,7 @@ class EndpointAdmin:
         params = self.admin.params({"endpoint_id"})
         wanted = params.get("endpoint_id") or None
         shown = [self.describe_config(e) for e in self.table.settings.endpoints]
-        shown += [self.describe_stored(row) for row in endpoint_store.list_stored(self.engine)]
+        shown += [self.describe_stored(row.id, row.entry) for row in endpoint_store.list_stored(self.engine)]
         if wanted is not None:
             shown = [e for e in shown if e["id"] == wanted]
             if not shown:
@@ -82,8 +82,8 @@ class EndpointAdmin:
         return {"id": config_id(endpoint.index), **redacted(endpoint.written), "is_from_config": True}
 
     @staticmethod
-    def describe_stored(row) -> dict:
-        return {"id": row.id, **redacted(row.entry), "is_from_config": False}
+    def describe_stored(endpoint_id: str, entry: dict) -> dict:
+        return {"id": endpoint_id, **redacted(entry), "is_from_config": False}
 
     # --- changing ----------------------------------------------------------------------------------
 
@@ -92,15 +92,15 @@ class EndpointAdmin:
         endpoint_id = body.pop("id", None)
         if endpoint_id is None:
             endpoint_id = uuid.uuid4().hex
-        elif id_problem(endpoint_id):
-            raise BadField(f"{BODY}: id: {id_problem(endpoint_id)}")
+        elif problem := id_problem(endpoint_id):
+            raise BadField(f"{BODY}: id: {problem}")
         entry = null_to_absent(body)
         self.check(entry, placeholder_problems(entry))
         with endpoint_store.changing(self.engine) as change:
             existing = endpoint_store.get_stored(change.conn, endpoint_id)
             if existing is not None:
                 if self.opened(existing, needed=False) == effective(entry):
-                    return json_response(self.describe_stored(existing))  # a retry: nothing to do
+                    return json_response(self.describe_stored(existing.id, existing.entry))  # a retry: nothing to do
                 raise Refusal(
                     409,
                     f"endpoint {endpoint_id} exists with other fields; change it with POST {PATH}/{endpoint_id}",
@@ -110,7 +110,7 @@ class EndpointAdmin:
             stored, sealed = self.sealed(entry)
             endpoint_store.add(change, endpoint_id, stored, sealed, time.time())
         self.changed("created", stored["path"], endpoint_id)
-        return json_response({"id": endpoint_id, **redacted(stored), "is_from_config": False})
+        return json_response(self.describe_stored(endpoint_id, stored))
 
     def update(self, _caller, endpoint_id: str):
         self.refuse_config(endpoint_id)
@@ -126,12 +126,12 @@ class EndpointAdmin:
             entry, problems = merge(current, body)
             self.check(entry, problems)
             if effective(entry) == current:
-                return json_response(self.describe_stored(existing))
+                return json_response(self.describe_stored(existing.id, existing.entry))
             self.refuse_overlap(change, entry, endpoint_id)
             stored, sealed = self.sealed(entry)
             endpoint_store.replace(change, endpoint_id, stored, sealed, time.time())
         self.changed(f"updated ({', '.join(sorted(body)) or 'no fields'})", stored["path"], endpoint_id)
-        return json_response({"id": endpoint_id, **redacted(stored), "is_from_config": False})
+        return json_response(self.describe_stored(endpoint_id, stored))
 
     def delete(self, _caller):
         params = self.admin.params({"endpoint_id"})
@@ -144,7 +144,7 @@ class EndpointAdmin:
             if existing is None or not endpoint_store.remove(change, endpoint_id):
                 raise Refusal(404, NOT_FOUND, "not_found_error")
         self.changed("deleted", existing.entry["path"], endpoint_id)
-        return json_response({"endpoints": [self.describe_stored(existing)]})
+        return json_response({"endpoints": [self.describe_stored(existing.id, existing.entry)]})
 
     # --- the steps ----------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy import update
 
 from proxy_app.key_store import bump
+from proxy_app.key_store import connection_of
 from proxy_app.key_store import write_transaction
 from proxy_app.schema import endpoints
 
@@ -56,11 +57,8 @@ def _stored(row) -> StoredEndpoint:
 
 def list_stored(conn_or_engine) -> list[StoredEndpoint]:
     """Every stored endpoint, oldest first."""
-    query = select(endpoints).order_by(endpoints.c.created_at, endpoints.c.id)
-    if isinstance(conn_or_engine, Engine):
-        with conn_or_engine.connect() as conn:
-            return [_stored(row) for row in conn.execute(query)]
-    return [_stored(row) for row in conn_or_engine.execute(query)]
+    with connection_of(conn_or_engine) as conn:
+        return [_stored(row) for row in conn.execute(select(endpoints).order_by(endpoints.c.created_at, endpoints.c.id))]
 
 
 def get_stored(conn, endpoint_id: str) -> StoredEndpoint | None:

@@ -77,7 +77,8 @@ def _record(row) -> KeyRecord:
 
 
 @contextmanager
-def _connection(conn_or_engine):
+def connection_of(conn_or_engine):
+    """A Connection for the caller's reads: the one given, or one of the Engine's for the block."""
     if isinstance(conn_or_engine, Engine):
         with conn_or_engine.connect() as conn:
             yield conn
@@ -106,7 +107,7 @@ def bump(conn, name: str) -> None:
 
 def generation(conn, name: str) -> int:
     """``name``'s generation; 0 before its first change."""
-    with _connection(conn) as connection:
+    with connection_of(conn) as connection:
         value = connection.execute(select(changes.c.generation).where(changes.c.name == name)).scalar()
     return value or 0
 
@@ -123,7 +124,7 @@ def find_key(conn, token: str, now: float) -> KeyRecord | None:
     query = select(keys).where(
         or_(keys.c.token == token, and_(keys.c.previous_token == token, keys.c.previous_expires > now))
     )
-    with _connection(conn) as connection:
+    with connection_of(conn) as connection:
         rows = connection.execute(query).all()
     # The current token wins over another key's previous one (possible only with a custom
     # key equal to a regenerated key's old one, which create_key refuses).
@@ -135,7 +136,7 @@ def find_key(conn, token: str, now: float) -> KeyRecord | None:
 
 def get_key(conn, token: str) -> KeyRecord | None:
     """The key whose current token is ``token`` (admin calls name keys by their current token)."""
-    with _connection(conn) as connection:
+    with connection_of(conn) as connection:
         row = connection.execute(select(keys).where(keys.c.token == token)).first()
     return None if row is None else _record(row)
 
@@ -154,7 +155,7 @@ def list_keys(
         conditions.append(keys.c.token == token)
     for name, value in (extra or {}).items():
         conditions.append(keys.c.extra[name].as_string() == value)
-    with _connection(conn) as connection:
+    with connection_of(conn) as connection:
         total = connection.execute(select(func.count()).select_from(keys).where(*conditions)).scalar() or 0
         rows = connection.execute(
             select(keys).where(*conditions).order_by(keys.c.created_at, keys.c.token).limit(size).offset((page - 1) * size)
@@ -333,5 +334,5 @@ def spend_logs(
         .limit(limit)
         .offset((page - 1) * limit)
     )
-    with _connection(conn) as connection:
+    with connection_of(conn) as connection:
         return [dict(row._mapping) for row in connection.execute(query)]

@@ -375,31 +375,17 @@ def test_streaming_request_on_a_deleted_endpoint_completes(proxy, up):
 def test_literal_header_value_is_never_in_the_database_answers_or_log(proxy, up, state_dir):
     secret = "sealed-only-value-" + "9d41c7ab03"
     answers = []
-    create_answer = admin(
-        proxy,
-        "POST",
-        API,
-        {
-            "id": "e2e-secret",
-            "path": "/e2e/secret",
-            "target": up.url + "/secret",
-            "headers": {"X-Literal": secret, "X-Env-Token": "os.environ/UPSTREAM_TOKEN"},
-        },
-    )
+    body = {
+        "id": "e2e-secret",
+        "path": "/e2e/secret",
+        "target": up.url + "/secret",
+        "headers": {"X-Literal": secret, "X-Env-Token": "os.environ/UPSTREAM_TOKEN"},
+    }
+    create_answer = admin(proxy, "POST", API, body)
     answers.append(create_answer)
     assert create_answer.status == 200, create_answer
     # The same id and body again: a no-op, answered with the endpoint.
-    again = admin(
-        proxy,
-        "POST",
-        API,
-        {
-            "id": "e2e-secret",
-            "path": "/e2e/secret",
-            "target": up.url + "/secret",
-            "headers": {"X-Literal": secret, "X-Env-Token": "os.environ/UPSTREAM_TOKEN"},
-        },
-    )
+    again = admin(proxy, "POST", API, body)
     answers.append(again)
     assert again.status == 200 and again.json()["id"] == "e2e-secret", again
     answers.append(admin(proxy, "GET", API))
