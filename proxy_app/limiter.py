@@ -17,8 +17,9 @@ response ended; a refusal for parallelism first gives back this worker's queued 
 the key, and ``close`` gives back whatever is queued (see :class:`LeaseKeeper`).
 
 Leases expire :data:`LEASE_SECONDS` after their last renewal. Each limiter renews the
-leases it handed out from a daemon thread (every ``lease_seconds / 3``), so a worker killed
-with SIGKILL stops renewing and its slots come back within ``lease_seconds`` (30 s).
+leases it handed out (the database limiter: its worker's counter rows) from a daemon thread
+(every ``lease_seconds / 3``), so a worker killed with SIGKILL stops renewing and its slots
+come back within ``lease_seconds`` (30 s).
 
 Backends, all with the same rules (:func:`decide` turns what a store counted into the
 answer):
@@ -32,19 +33,24 @@ answer):
   window. The braces make ``{token}`` a Redis Cluster hash tag, so both keys of a token
   live in one slot, as a multi-key script requires. Keys carry a PEXPIRE, so an idle key
   leaves nothing behind.
-- :class:`DatabaseLimiter`: one row per admission in ``proxy_admissions``
-  (proxy_app/schema.py), counted and inserted inside one serialised transaction. SQLite:
-  ``BEGIN IMMEDIATE`` takes the database's write lock before the count (a plain ``BEGIN``
-  would count, then race another writer to the insert). The sqlite3 driver would emit its
-  own ``BEGIN`` before the insert, so the limiter's connections use SQLAlchemy's driver-level
-  AUTOCOMMIT, which turns the driver's transaction handling off, and emit ``BEGIN
-  IMMEDIATE``/``COMMIT`` themselves (SQLAlchemy's SQLite dialect documentation, "Transactions
-  with SQLite and the sqlite3 driver" and "Using SQLAlchemy's Driver Level AUTOCOMMIT
-  Feature with SQLite"; Python's sqlite3 documentation, "Transaction control via the
-  isolation_level attribute"). The engine itself is left as it is, for the other users of
-  its pool. PostgreSQL: ``pg_advisory_xact_lock`` on a hash of the token serialises the
-  admissions of one key only, and frees itself at commit or rollback; the time is the
-  server's ``clock_timestamp()``, for the same reason as Redis ``TIME``.
+- :class:`DatabaseLimiter`: the rpm window is one row per admission in ``proxy_admissions``;
+  the parallel slots are one counter per key and worker in ``proxy_slots``, updated in place
+  (an admission adds one, a batch of releases takes them off; proxy_app/schema.py). A
+  worker's lease is its row's ``expires``, moved on at each admission and renewal: a killed
+  worker's row stops counting when it runs out. So an admission writes two rows (its own
+  rpm row and its worker's counter) and a release writes nothing of its own: a row per lease,
+  released and later deleted, wrote the table and an index of live leases three times per
+  request (bench/README.md, "Later runs"). Both are read and written inside one serialised
+  transaction. SQLite: ``BEGIN IMMEDIATE`` takes the database's write lock before the count
+  (a plain ``BEGIN`` would count, then race another writer to the write); in the sqlite3
+  driver's legacy transaction mode an explicit ``BEGIN IMMEDIATE`` opens the transaction, the
+  driver adds no ``BEGIN`` of its own inside it, and ``commit()`` ends it (Python's sqlite3
+  documentation, "Transaction control via the isolation_level attribute"). The limiter's
+  connection is its own, detached from the engine's pool (:class:`SharedConnection`), so
+  the other users of the pool are left as they are. PostgreSQL: ``pg_advisory_xact_lock``
+  on a hash of the token serialises the admissions of one key only, and frees itself at
+  commit or rollback; the time is the server's ``clock_timestamp()``, for the same reason
+  as Redis ``TIME``.
 - :class:`LocalLimiter`: in-process counters, the fallback when Redis is unreachable
   (:class:`WithFallback`): limits then hold per worker, not overall.
 
@@ -58,9 +64,11 @@ notion of a slot held until a response ends, with a lease that expires when its 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import weakref
@@ -73,11 +81,13 @@ import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import bindparam
+from sqlalchemy import case
 from sqlalchemy import func
-from sqlalchemy import literal_column
 from sqlalchemy import select
 from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy_app import metrics
@@ -174,7 +184,7 @@ class Lease:
 
     __slots__ = ("id", "token", "owner", "released")
 
-    def __init__(self, lease_id: str, token: str, owner) -> None:
+    def __init__(self, lease_id: str | int, token: str, owner) -> None:
         self.id = lease_id
         self.token = token
         self.owner = owner  # the limiter that took it, and gives it back
@@ -777,6 +787,7 @@ class WithFallback:
 
 
 _ADMISSIONS = schema.admissions
+_SLOTS = schema.slots
 _TOKEN = bindparam("token")
 _SINCE = bindparam("since")
 _NOW = bindparam("now")
@@ -802,10 +813,8 @@ def _edge(*where, newest: bool):
 _FROM_ID = bindparam("from_id")
 _newest = _edge(_OF_KEY, newest=True)
 _oldest = _edge(_OF_KEY, _ADMISSIONS.c.id >= _FROM_ID, _ADMISSIONS.c.admitted_at > _SINCE, newest=False)
-# The partial index holds leases with lease_expires > 0; the literal term lets SQLite use it
-# (a query uses a partial index only when its WHERE names the index's own terms).
-_HELD = _ADMISSIONS.c.lease_expires > literal_column("0")
-_LIVE = select(func.count()).where(_OF_KEY, _HELD, _ADMISSIONS.c.lease_expires > _NOW).scalar_subquery()
+# The key's slots in flight: the sum of its holders' counters that have not run out.
+_LIVE = select(func.coalesce(func.sum(_SLOTS.c.live), 0)).where(_SLOTS.c.token == _TOKEN, _SLOTS.c.expires > _NOW).scalar_subquery()
 _STATE_COLUMNS = (
     _newest(_ADMISSIONS.c.id),
     _newest(_ADMISSIONS.c.admitted_at),
@@ -834,16 +843,30 @@ def row_seq(row_id_: str) -> int:
 
 
 _INSERT = _ADMISSIONS.insert()
-# UPDATE takes no bind parameter named after a column: the key is :key_token there.
-_OF_LEASE_KEY = _ADMISSIONS.c.token == bindparam("key_token")
-_RELEASE = _ADMISSIONS.update().where(_OF_LEASE_KEY, _ADMISSIONS.c.id == bindparam("lease_id")).values(lease_expires=0.0)
-_RENEW = (
-    _ADMISSIONS.update()
-    .where(_OF_LEASE_KEY, _ADMISSIONS.c.id.in_(bindparam("ids", expanding=True)), _ADMISSIONS.c.lease_expires > _NOW)
-    .values(lease_expires=bindparam("expires"))
-)
-# Rows that count for nothing any more: out of the window and not holding a live slot.
+
+
+def _take_slot(insert):
+    """One more slot on this holder's row of the key, made if missing; its expiry moves on."""
+    statement = insert(_SLOTS).values(token=_TOKEN, holder=bindparam("holder"), live=1, expires=bindparam("expires"))
+    return statement.on_conflict_do_update(
+        index_elements=[_SLOTS.c.token, _SLOTS.c.holder],
+        set_={"live": _SLOTS.c.live + 1, "expires": statement.excluded.expires},
+    )
+
+
+_TAKE_SLOT = {"sqlite": _take_slot(sqlite_insert), "postgresql": _take_slot(postgresql_insert)}
+# UPDATE takes no bind parameter named after a column: the row is :key_token, :key_holder there.
+_OF_HOLDER = (_SLOTS.c.token == bindparam("key_token"), _SLOTS.c.holder == bindparam("key_holder"))
+# Never below 0: a holder whose row was cleaned up while it stalled gives back slots it no
+# longer counts.
+_GIVE_BACK = _SLOTS.update().where(*_OF_HOLDER).values(live=case((_SLOTS.c.live > bindparam("n"), _SLOTS.c.live - bindparam("n")), else_=0))
+# A row that ran out while its worker stalled (longer than a lease) counts again once renewed:
+# that worker is alive, and its requests are still in flight.
+_RENEW = _SLOTS.update().where(*_OF_HOLDER).values(expires=bindparam("expires"))
+# Rows that count for nothing any more: admissions out of the window (and, from an instance
+# still on revision 0002, not holding a live slot); holders whose row ran out a lease ago.
 _CLEANUP = _ADMISSIONS.delete().where(_ADMISSIONS.c.admitted_at <= _SINCE, _ADMISSIONS.c.lease_expires <= _NOW)
+_CLEANUP_SLOTS = _SLOTS.delete().where(_SLOTS.c.expires <= bindparam("stale"))
 # PostgreSQL: serialise the admissions of one key, then read the server's clock. The
 # two-integer form has a key space of its own (it cannot meet a single-bigint lock such as
 # the migrations' one); the lock is released at commit or rollback.
@@ -854,22 +877,24 @@ _PG_LOCK_AND_NOW = text(
 )
 _PG_NOW = text("SELECT CAST(extract(epoch FROM clock_timestamp()) AS double precision)")
 
-
-_RELEASE_MANY = _ADMISSIONS.update().where(_OF_LEASE_KEY, _ADMISSIONS.c.id.in_(bindparam("ids", expanding=True))).values(lease_expires=0.0)
 MAX_KNOWN_KEYS = 100_000  # DatabaseLimiter._from: beyond this many keys, start over
-RELEASE_CHUNK = 500  # lease ids per UPDATE ... IN (...) (SQLite caps the parameters of a statement)
 
 # SQLite's hot path runs the Core statements above through the sqlite3 driver directly,
 # compiled once in the driver's named style: one dict per call binds the repeated parameters.
 _NAMED_SQLITE = sqlite_dialect(paramstyle="named")
 
 
-def _by_token(leases) -> list[tuple[str, list[str]]]:
-    """Lease ids grouped by key (the primary key is (token, id))."""
-    groups: dict[str, list[str]] = {}
+def count_by_token(leases) -> dict[str, int]:
+    """How many of ``leases`` each key holds."""
+    counts: dict[str, int] = {}
     for lease in leases:
-        groups.setdefault(lease.token, []).append(lease.id)
-    return list(groups.items())
+        counts[lease.token] = counts.get(lease.token, 0) + 1
+    return counts
+
+
+def holder_id() -> str:
+    """This process's name on its slot rows: host, pid and a random part (a pid is reused)."""
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{os.urandom(6).hex()}"
 
 
 def sqlite_sql(statement) -> tuple[str, dict]:
@@ -971,7 +996,11 @@ class _Slot:
 
 
 class DatabaseLimiter:
-    """Limits in the database, for deployments without Redis. Raises :class:`LimiterUnavailable`."""
+    """Limits in the database, for deployments without Redis. Raises :class:`LimiterUnavailable`.
+
+    Each process is one holder of slot rows (:func:`holder_id`, made again after a fork):
+    its leases are counted on its own rows, and given back from them.
+    """
 
     def __init__(
         self,
@@ -991,7 +1020,8 @@ class DatabaseLimiter:
             self._sql_state, self._state_params = sqlite_sql(_STATE)
             self._sql_state_live, self._state_live_params = sqlite_sql(_STATE_AND_LIVE)
             self._sql_insert = sqlite_sql(_INSERT.values({c: bindparam(c.name) for c in _ADMISSIONS.c}))[0]
-            self._sql_release, self._release_params = sqlite_sql(_RELEASE)
+            self._sql_take, self._take_params = sqlite_sql(_TAKE_SLOT["sqlite"])
+            self._sql_give_back, self._give_back_params = sqlite_sql(_GIVE_BACK)
         self.lease_seconds = lease_seconds
         self.window = window
         self._cleanup_every = cleanup_every
@@ -999,6 +1029,9 @@ class DatabaseLimiter:
         # token -> (id, since): this process's last oldest row in the key's window, and the
         # window's start then (see _STATE): where the next look for the oldest starts.
         self._from: dict[str, tuple[str, float]] = {}
+        self._holder = ""  # this process's slot rows (holder_id), made at its first slot
+        self._holder_pid = 0
+        self._lease_ids = itertools.count()
         self._keeper = LeaseKeeper(
             "limiter-database",
             renew_every or lease_seconds / 3,
@@ -1022,25 +1055,34 @@ class DatabaseLimiter:
     def _admit_once(self, token: str, rpm_limit: int | None, max_parallel: int | None) -> Admission:
         try:
             if self._sqlite:
-                answer, lease_id = self._admit_sqlite(token, rpm_limit, max_parallel)
+                answer = self._admit_sqlite(token, rpm_limit, max_parallel)
             else:
                 with self._engine.begin() as conn:
                     now = conn.execute(_PG_LOCK_AND_NOW, {"token": token}).scalar_one()
                     params = {"token": token, "since": now - self.window, "now": now}
                     statement = _STATE if max_parallel is None else _STATE_AND_LIVE
                     row = self._state(lambda from_id: conn.execute(statement, {**params, "from_id": from_id}).fetchone(), token, now)
-                    answer, lease_id, at, expires = self._decide(row, now, rpm_limit, max_parallel)
+                    answer, row_id_, at, expires = self._decide(row, now, rpm_limit, max_parallel)
                     if answer.allowed:
-                        conn.execute(_INSERT, {"id": lease_id, "token": token, "admitted_at": at, "lease_expires": expires})
+                        if rpm_limit is not None:
+                            conn.execute(_INSERT, {"id": row_id_, "token": token, "admitted_at": at, "lease_expires": 0.0})
+                        if max_parallel is not None:
+                            conn.execute(_TAKE_SLOT["postgresql"], {"token": token, "holder": self.holder(), "expires": expires})
         except self._errors as exc:
             metrics.STORE_ERRORS.labels("database", "limit").inc()
             raise LimiterUnavailable(f"the limit store (database) failed: {type(getattr(exc, 'orig', None) or exc).__name__}") from exc
         if answer.allowed and max_parallel is not None:
-            lease = answer.lease = Lease(lease_id, token, self)
+            lease = answer.lease = Lease(next(self._lease_ids), token, self)
             self._keeper.add(lease)
         return answer
 
-    def _admit_sqlite(self, token: str, rpm_limit, max_parallel) -> tuple[Admission, str]:
+    def holder(self) -> str:
+        """This process's name on its slot rows (a new one after a fork)."""
+        if self._holder_pid != os.getpid():
+            self._holder, self._holder_pid = holder_id(), os.getpid()
+        return self._holder
+
+    def _admit_sqlite(self, token: str, rpm_limit, max_parallel) -> Admission:
         # The hot path on the default store: this thread's own sqlite3 connection, statements
         # compiled once. In the driver's legacy transaction mode an explicit BEGIN IMMEDIATE
         # opens the transaction (the driver adds no BEGIN of its own inside one) and commit()
@@ -1057,7 +1099,7 @@ class DatabaseLimiter:
         with self._admit_lock:
             return self._admit_sqlite_locked(connection, cursor, sql, params, token, rpm_limit, max_parallel)
 
-    def _admit_sqlite_locked(self, connection, cursor, sql, params, token, rpm_limit, max_parallel) -> tuple[Admission, str]:
+    def _admit_sqlite_locked(self, connection, cursor, sql, params, token, rpm_limit, max_parallel) -> Admission:
         cursor.execute("BEGIN IMMEDIATE")
         try:
             now = time.time()  # read once the write lock is held: times per key keep increasing
@@ -1070,14 +1112,17 @@ class DatabaseLimiter:
                 cursor.execute(sql, params)
                 return cursor.fetchone()
 
-            answer, lease_id, at, expires = self._decide(self._state(state, token, now), now, rpm_limit, max_parallel)
+            answer, row_id_, at, expires = self._decide(self._state(state, token, now), now, rpm_limit, max_parallel)
             if answer.allowed:
-                cursor.execute(self._sql_insert, {"id": lease_id, "token": token, "admitted_at": at, "lease_expires": expires})
+                if rpm_limit is not None:
+                    cursor.execute(self._sql_insert, {"id": row_id_, "token": token, "admitted_at": at, "lease_expires": 0.0})
+                if max_parallel is not None:
+                    cursor.execute(self._sql_take, {**self._take_params, "token": token, "holder": self.holder(), "expires": expires})
             connection.commit()
         except BaseException:
             connection.rollback()
             raise
-        return answer, lease_id
+        return answer
 
     def _state(self, query, token: str, now: float):
         """The key's state row, ``query(from_id)``, starting the look for the oldest row in the
@@ -1099,18 +1144,19 @@ class DatabaseLimiter:
         return row
 
     def _decide(self, row, now: float, rpm_limit, max_parallel) -> tuple[Admission, str, float, float]:
-        """The answer from the key's state row, the new row's id, admission time and lease expiry."""
+        """The answer from the key's state row, the new row's id, its admission time and the
+        holder row's new expiry."""
         newest_id, newest_at, oldest_id, oldest_at = row[:4]
         live = row[4] if max_parallel is not None else 0
         in_window = row_seq(newest_id) - row_seq(oldest_id) + 1 if oldest_id is not None else 0
         answer = decide(now, rpm_limit, in_window, oldest_at, max_parallel, live, self.window)
-        lease_id = row_id(row_seq(newest_id) + 1 if newest_id is not None else first_seq(now))
+        new_id = row_id(row_seq(newest_id) + 1 if newest_id is not None else first_seq(now)) if rpm_limit is not None else ""
         # Strictly increasing times per key, so ordering by time orders by number too
         # (a clock stepped back, or two admissions within its resolution).
         if newest_at is not None and now <= newest_at:
             now = newest_at + 1e-6
         expires = now + self.lease_seconds if max_parallel is not None else 0.0
-        return answer, lease_id, now, expires
+        return answer, new_id, now, expires
 
     def release(self, lease) -> None:
         """Queue ``lease`` for the next batch (see :class:`LeaseKeeper`): no database I/O here."""
@@ -1121,25 +1167,23 @@ class DatabaseLimiter:
         return self._keeper.flush()
 
     def _give_back(self, leases: list[Lease]) -> None:
-        # One transaction for the whole batch.
+        # One transaction for the whole batch: one UPDATE per key.
+        rows = [{"key_token": token, "key_holder": self.holder(), "n": n} for token, n in count_by_token(leases).items()]
         try:
             if self._sqlite:
-                rows = [{**self._release_params, "key_token": lease.token, "lease_id": lease.id} for lease in leases]
                 with self._admit_lock:  # the admissions' connection
                     held = self._connections.get()
                     connection, cursor = held.connection, held.cursor
                     cursor.execute("BEGIN IMMEDIATE")
                     try:
-                        cursor.executemany(self._sql_release, rows)
+                        cursor.executemany(self._sql_give_back, [{**self._give_back_params, **row} for row in rows])
                         connection.commit()
                     except BaseException:
                         connection.rollback()
                         raise
             else:
                 with self._engine.begin() as conn:
-                    for token, ids in _by_token(leases):
-                        for start in range(0, len(ids), RELEASE_CHUNK):
-                            conn.execute(_RELEASE_MANY, {"key_token": token, "ids": ids[start : start + RELEASE_CHUNK]})
+                    conn.execute(_GIVE_BACK, rows)
         except self._errors:
             metrics.STORE_ERRORS.labels("database", "limit").inc()
             raise
@@ -1149,11 +1193,9 @@ class DatabaseLimiter:
 
     def _renew_leases(self, leases: list[Lease]) -> None:
         with self._engine.begin() as conn:
-            now = self._now(conn)
-            for token, ids in _by_token(leases):
-                for start in range(0, len(ids), RELEASE_CHUNK):
-                    chunk = ids[start : start + RELEASE_CHUNK]
-                    conn.execute(_RENEW, {"key_token": token, "ids": chunk, "now": now, "expires": now + self.lease_seconds})
+            expires = self._now(conn) + self.lease_seconds
+            holder = self.holder()
+            conn.execute(_RENEW, [{"key_token": token, "key_holder": holder, "expires": expires} for token in count_by_token(leases)])
 
     def _cleanup(self) -> None:
         if time.monotonic() - self._cleaned < self._cleanup_every:
@@ -1162,6 +1204,7 @@ class DatabaseLimiter:
         with self._engine.begin() as conn:
             now = self._now(conn)
             conn.execute(_CLEANUP, {"since": now - self.window, "now": now})
+            conn.execute(_CLEANUP_SLOTS, {"stale": now - self.lease_seconds})
 
     def renew_now(self) -> None:
         """Renew the live leases (and clean up) at once; the thread does it every ``renew_every``."""

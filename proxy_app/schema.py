@@ -73,17 +73,19 @@ spend_logs = Table(
     Index("ix_proxy_spend_logs_api_key_start_time", "api_key", "start_time"),
 )
 
-# Limit counters when there is no Redis: one row per admitted request. The rpm window counts
-# rows admitted in the last 60 s; the parallel limit counts rows whose lease is still live
-# (lease_expires in the future; 0 once released). A worker renews the leases it holds, so
-# the slots of a killed worker come back when their lease runs out.
+# Limit counters when there is no Redis (proxy_app/limiter.py DatabaseLimiter).
 #
-# The primary key is (token, id), and an id starts with the key's admission number (fixed-width
-# hex: proxy_app/limiter.py row_id), so a key's rows are in admission (and time) order in the
-# primary key: the rpm window is read from it alone. On SQLite the table is WITHOUT ROWID (the
-# rows live in the primary key's B-tree: https://www.sqlite.org/withoutrowid.html), so an
-# admission writes two B-trees: the table, and the partial index of held leases (a released
-# lease, lease_expires 0, or an rpm-only admission never enters it).
+# The rpm window: one row per admission of a key with an ``rpm_limit``, counted while it was
+# admitted in the last 60 s. The primary key is (token, id), and an id starts with the key's
+# admission number (fixed-width hex: proxy_app/limiter.py row_id), so a key's rows are in
+# admission (and time) order in the primary key: the window is read from it alone. On SQLite
+# the table is WITHOUT ROWID (the rows live in the primary key's B-tree:
+# https://www.sqlite.org/withoutrowid.html).
+#
+# Since revision 0003 the parallel slots are counted in ``proxy_slots`` and every row here has
+# ``lease_expires`` 0, so the partial index below stays empty and costs an admission nothing;
+# column and index are kept for an instance still running revision 0002's code during a
+# rolling upgrade (it keeps its leases here).
 admissions = Table(
     "proxy_admissions",
     metadata,
@@ -99,6 +101,22 @@ admissions = Table(
         sqlite_where=text("lease_expires > 0"),
         postgresql_where=text("lease_expires > 0"),
     ),
+    sqlite_with_rowid=False,
+)
+
+# The parallel slots of the database limiter: one row per key and holder (a worker process's
+# limiter), holding how many of the key's requests that worker has in flight. An admission
+# adds one to its own row and a release takes one off (in batches), both in place: a slot
+# has no row of its own. A holder moves ``expires`` forward while it holds slots (at each
+# admission, and every lease_seconds / 3 from its thread); a row past ``expires`` counts for
+# nothing, so the slots of a worker killed with SIGKILL come back when its row runs out.
+slots = Table(
+    "proxy_slots",
+    metadata,
+    Column("token", String(64), primary_key=True),
+    Column("holder", String(64), primary_key=True),
+    Column("live", Integer, nullable=False),
+    Column("expires", Float, nullable=False),
     sqlite_with_rowid=False,
 )
 

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import create_engine
 from sqlalchemy import event
+from sqlalchemy import select
 
 from proxy_app import schema
 from proxy_app.limiter import DatabaseLimiter
@@ -523,3 +524,45 @@ def test_window_stays_exact_after_a_keys_rows_were_cleaned_up(spec):
     finally:
         limiter.close()
         other.close()
+
+
+def test_slots_are_one_counter_per_worker_in_the_store(spec):
+    # The database limiter keeps a key's slots as one row per worker (its holder), updated in
+    # place: an admission adds one, a batch of releases takes them off, a worker that stopped
+    # renewing stops counting once its row runs out, and cleanup then deletes the row.
+    if spec[0] == "redis":
+        pytest.skip("the database limiter's rows")
+    a = build(spec, lease_seconds=1.0, renew_every=0.2, cleanup_every=0.0)
+    b = build(spec, lease_seconds=1.0, renew_every=0.2, cleanup_every=0.0)
+    slots = schema.slots
+
+    def rows() -> dict[str, int]:
+        with a._engine.connect() as conn:
+            return dict(conn.execute(select(slots.c.holder, slots.c.live).where(slots.c.token == TOKEN)).all())
+
+    try:
+        held = [a.admit(TOKEN, None, 3).lease for _ in range(2)]
+        mine = [b.admit(TOKEN, None, 3).lease]
+        assert all(held + mine) and not b.admit(TOKEN, None, 3).allowed
+        assert a.holder() != b.holder()
+        assert rows() == {a.holder(): 2, b.holder(): 1}
+        a.release(held[0])
+        assert a.flush()
+        assert rows() == {a.holder(): 1, b.holder(): 1}
+        mine.append(b.admit(TOKEN, None, 3).lease)
+        assert mine[-1] is not None and not b.admit(TOKEN, None, 3).allowed
+        a.close()  # stops renewing; its one slot stays held until its row runs out
+        time.sleep(1.2)
+        assert b.admit(TOKEN, None, 3).allowed  # b renewed its row; a's counts for nothing now
+        time.sleep(1.1)
+        b.renew_now()  # cleanup: a's row ran out more than a lease ago
+        assert rows() == {b.holder(): 3}
+        with a._engine.begin() as conn:  # as if b's row had been cleaned up while it stalled
+            conn.execute(slots.update().values(live=1))
+        for lease in mine:
+            b.release(lease)
+        assert b.flush()
+        assert rows() == {b.holder(): 0}  # never below 0
+    finally:
+        a.close()
+        b.close()
