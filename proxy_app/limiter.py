@@ -1195,7 +1195,8 @@ class DatabaseLimiter:
         with self._engine.begin() as conn:
             expires = self._now(conn) + self.lease_seconds
             holder = self.holder()
-            conn.execute(_RENEW, [{"key_token": token, "key_holder": holder, "expires": expires} for token in count_by_token(leases)])
+            tokens = {lease.token for lease in leases}
+            conn.execute(_RENEW, [{"key_token": token, "key_holder": holder, "expires": expires} for token in tokens])
 
     def _cleanup(self) -> None:
         if time.monotonic() - self._cleaned < self._cleanup_every:
