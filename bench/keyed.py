@@ -78,8 +78,8 @@ def request(port: int, path: str, authorization: str | None, body: bytes = singl
         conn.close()
 
 
-def generate_key(port: int) -> str:
-    fields = {"key_alias": "bench", "rpm_limit": RPM_LIMIT, "max_parallel_requests": MAX_PARALLEL}
+def generate_key(port: int, max_parallel: int) -> str:
+    fields = {"key_alias": "bench", "rpm_limit": RPM_LIMIT, "max_parallel_requests": max_parallel}
     status, body = request(port, "/key/generate", f"Bearer {MASTER_KEY}", json.dumps(fields).encode())
     if status != 200:
         raise SystemExit(f"POST /key/generate answered {status}: {body[:300]!r}")
@@ -154,7 +154,7 @@ def run_store(store: str, args, workdir: Path, upstream_port: int, cpus: tuple[i
         ))
         single.wait_listening(proxy_port)
         (worker,) = single.wait_workers(procs[-1].pid)
-        key = generate_key(proxy_port)
+        key = generate_key(proxy_port, args.max_parallel)
         check_routes(proxy_port, key)
         routes = {"open": ("/bench/rerank", f"Bearer {MASTER_KEY}"), "keyed": ("/bench/keyed", f"Bearer {key}")}
         runs = {name: [] for name in routes}
@@ -193,7 +193,7 @@ def context_switches(pid: int) -> int:
 
 def report(results: list[dict], args, split: bool) -> int:
     print(f"proxy_app keyed bench: {os.cpu_count()} cores, proxy {'on CPU 1' if split else 'unpinned'}, "
-          f"c={args.concurrency}, {args.reps} x {args.seconds:g} s per route, open and keyed alternating, medians; "
+          f"c={args.concurrency}, max_parallel_requests {args.max_parallel}, {args.reps} x {args.seconds:g} s per route, open and keyed alternating, medians; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print("| store | open req/s | keyed req/s | keyed/open | target | open p50 / p99 ms | keyed p50 / p99 ms "
           "| open CPU us/req | keyed CPU us/req | context switches per request, open / keyed "
@@ -225,6 +225,11 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--stores", default="sqlite,redis", help="comma-separated: sqlite, redis")
     parser.add_argument("--threads", default=None, help="PROXY_THREADS for the worker (default: the conf's)")
+    parser.add_argument(
+        "--max-parallel", type=int, default=MAX_PARALLEL,
+        help="the key's max_parallel_requests (default %(default)s); within 128 of --concurrency, most "
+        "admissions on the database store are one transaction each (proxy_app/limit_claims.py)",
+    )
     parser.add_argument("--smoke", action="store_true", help="one short point per store: proves the bench runs")
     args = parser.parse_args()
     if args.smoke:

@@ -50,7 +50,9 @@ answer):
   the other users of the pool are left as they are. PostgreSQL: ``pg_advisory_xact_lock``
   on a hash of the token serialises the admissions of one key only, and frees itself at
   commit or rollback; the time is the server's ``clock_timestamp()``, for the same reason
-  as Redis ``TIME``.
+  as Redis ``TIME``. A worker admitting a key many times a second, far from its limits, takes
+  several admissions in one transaction and hands them out itself (proxy_app/limit_claims.py):
+  all of them are counted in the store first, so no limit is exceeded.
 - :class:`LocalLimiter`: in-process counters, the fallback when Redis is unreachable
   (:class:`WithFallback`): limits then hold per worker, not overall.
 
@@ -92,6 +94,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from proxy_app import metrics
 from proxy_app import schema
+from proxy_app.limit_claims import CLAIM_SECONDS
+from proxy_app.limit_claims import Claims
+from proxy_app.limit_claims import claim_size
 from proxy_app.logs import Throttle
 
 log = logging.getLogger("proxy_app")
@@ -106,6 +111,9 @@ REDIS_TIMEOUT_SECONDS = 0.5  # connect and read timeout: an outage must not stal
 # this long after its response ended, for one store round trip per batch, not per request.
 RELEASE_FLUSH_SECONDS = 0.05
 RELEASE_RETRY_SECONDS = 1.0  # after a failed batch (store down), try again this often
+# A refusal for parallelism asks the store again at most this many times, each only after this
+# worker gave back released slots of the key (LeaseKeeper.ask_again).
+MAX_ASK_AGAIN = 8
 MAX_QUEUED_RELEASES = 100_000  # beyond this, a released lease just expires after LEASE_SECONDS
 
 # Any Redis failure (refused, timed out, loading, READONLY, NOAUTH...) means "Redis cannot
@@ -203,7 +211,8 @@ class LeaseKeeper:
     from one daemon thread.
 
     The thread starts with the first lease (so a limiter made before a fork starts its own in
-    the child). It runs ``renew(leases)`` every ``every`` seconds, then ``housekeeping()``.
+    the child). It runs ``renew(leases)`` every ``every`` seconds, then ``housekeeping()``, and
+    ``sweep()`` (no store I/O) every ``sweep_every`` seconds and after each batch.
     A failed renewal is logged at DEBUG and tried again next time: the store's outage is
     reported by the request path, not once more here.
 
@@ -214,7 +223,9 @@ class LeaseKeeper:
     batch instead of one per request; a slot is free again within ``flush_every`` (plus the
     round trip) of its release. When the store fails, the batch stays queued (at most
     ``max_queued`` leases: one that cannot be queued expires by itself after its lease) and is
-    tried again every ``retry_every`` seconds.
+    tried again every ``retry_every`` seconds. The worker itself sees its released slots free at
+    once: a refusal for parallelism while it still holds some of the key's asks again after
+    giving them back (:meth:`ask_again`).
     """
 
     def __init__(
@@ -225,6 +236,8 @@ class LeaseKeeper:
         housekeeping=None,
         *,
         give_back=None,
+        sweep=None,
+        sweep_every: float = 0.25,
         flush_every: float = RELEASE_FLUSH_SECONDS,
         retry_every: float = RELEASE_RETRY_SECONDS,
         max_queued: int = MAX_QUEUED_RELEASES,
@@ -234,13 +247,18 @@ class LeaseKeeper:
         self._renew = renew
         self._housekeeping = housekeeping
         self._give_back = give_back
+        self._sweep = sweep
+        self._sweep_every = sweep_every
         self._flush_every = flush_every
         self._retry_every = retry_every
         self._max_queued = max_queued
         self._lock = threading.Lock()
         self._live: dict[str, Lease] = {}
         self._queued: list[Lease] = []
-        self._flush_lock = threading.Lock()  # one give_back at a time (thread, flush(), close())
+        self._giving_back: list[Lease] = []  # the batch flush() is giving back right now
+        self.batches = 0  # batches given back so far (see ask_again)
+        # One give_back at a time (thread, flush(), close()); reentrant for no_batch_in_flight().
+        self._flush_lock = threading.RLock()
         self._failure_log = Throttle(WARN_EVERY_SECONDS)
         self._dropped = 0
         self._stop = threading.Event()
@@ -300,21 +318,38 @@ class LeaseKeeper:
         return len(self._queued)
 
     def holds_release_of(self, token: str) -> bool:
-        """Whether a release of ``token``'s is queued (a refusal for parallelism could be one of ours)."""
-        return any(lease.token == token for lease in self._queued[:])
+        """Whether a release of ``token``'s is queued or being given back (a refusal for
+        parallelism could be one of ours)."""
+        return any(lease.token == token for lease in (*self._queued, *self._giving_back))
 
-    def retry_refusal(self, answer: Admission, token: str) -> bool:
-        """Whether to ask again after a refusal: refused for parallelism while this worker still
-        holds released slots of the key in its queue. They are given back at once (on this
-        thread), so a deferred release never refuses a request that a synchronous one admits."""
-        return answer.reason == "parallel" and self.holds_release_of(token) and self.flush()
+    def no_batch_in_flight(self):
+        """A context in which no batch is being given back but this thread's own flush()."""
+        return self._flush_lock
+
+    def ask_again(self, answer: Admission, token: str, batches_before: int, admit) -> Admission:
+        """After a refusal, ``admit()`` again while it was refused for parallelism and this worker
+        still held released slots of the key: queued (given back now, on this thread) or in a
+        batch given back since ``batches_before`` was read, before the admission. So a deferred
+        release does not refuse a request that a synchronous one admits; the worker's other
+        threads can take the slot first, hence a few tries (:data:`MAX_ASK_AGAIN`)."""
+        for _ in range(MAX_ASK_AGAIN):
+            if answer.reason != "parallel":
+                break
+            if not (self.batches != batches_before or self.holds_release_of(token)) or not self.flush():
+                break
+            batches_before = self.batches
+            answer = admit()
+        return answer
 
     def _run(self) -> None:
         next_renew = time.monotonic() + self._every
         while not self._stop.is_set():
-            self._wake.wait(max(0.0, next_renew - time.monotonic()))
+            wake_at = next_renew if self._sweep is None else min(next_renew, time.monotonic() + self._sweep_every)
+            self._wake.wait(max(0.0, wake_at - time.monotonic()))
             if self._stop.is_set():
                 return  # close() gives back what is queued
+            if self._sweep is not None:
+                self._sweep()
             if self._wake.is_set():
                 self._wake.clear()
                 # Gather the releases of the next moment into the same batch.
@@ -333,7 +368,11 @@ class LeaseKeeper:
             return True
         with self._flush_lock:
             with self._lock:
+                # From the queue to _giving_back at once, and out of it only once counted in
+                # ``batches``: a refusal that this batch caused asks again (ask_again, whose
+                # flush() waits for this one on the lock).
                 batch, self._queued = self._queued, []
+                self._giving_back = batch
                 dropped, self._dropped = self._dropped, 0
             if dropped:
                 log.warning("limiter %s: %d released slots could not be queued; they expire by themselves", self._name, dropped)
@@ -347,6 +386,10 @@ class LeaseKeeper:
                     self._queued = (batch + self._queued)[: self._max_queued]
                 self._log_failure(len(batch), exc)
                 return False
+            else:
+                self.batches += 1
+            finally:
+                self._giving_back = []
             self._failure_log.reset()
             return True
 
@@ -577,9 +620,10 @@ class RedisLimiter:
     def admit(self, token: str, rpm_limit: int | None, max_parallel: int | None) -> Admission:
         if rpm_limit is None and max_parallel is None:
             return unlimited()
+        batches = self._keeper.batches
         answer = self._admit_once(token, rpm_limit, max_parallel)
-        if not answer.allowed and self._keeper.retry_refusal(answer, token):
-            answer = self._admit_once(token, rpm_limit, max_parallel)
+        if not answer.allowed:
+            answer = self._keeper.ask_again(answer, token, batches, lambda: self._admit_once(token, rpm_limit, max_parallel))
         return answer
 
     def _admit_once(self, token: str, rpm_limit: int | None, max_parallel: int | None) -> Admission:
@@ -845,12 +889,18 @@ def row_seq(row_id_: str) -> int:
 _INSERT = _ADMISSIONS.insert()
 
 
+def claimed_admission(rpm_limit: int | None, claimed: tuple[int | None, float | None]) -> Admission:
+    """An admission handed out of this worker's claim (``Claims.take``'s answer)."""
+    remaining, reset_seconds = claimed
+    return Admission(True, None, 0, rpm_limit, remaining, reset_seconds, None)
+
+
 def _take_slot(insert):
-    """One more slot on this holder's row of the key, made if missing; its expiry moves on."""
-    statement = insert(_SLOTS).values(token=_TOKEN, holder=bindparam("holder"), live=1, expires=bindparam("expires"))
+    """``:n`` more slots on this holder's row of the key, made if missing; its expiry moves on."""
+    statement = insert(_SLOTS).values(token=_TOKEN, holder=bindparam("holder"), live=bindparam("n"), expires=bindparam("expires"))
     return statement.on_conflict_do_update(
         index_elements=[_SLOTS.c.token, _SLOTS.c.holder],
-        set_={"live": _SLOTS.c.live + 1, "expires": statement.excluded.expires},
+        set_={"live": _SLOTS.c.live + statement.excluded.live, "expires": statement.excluded.expires},
     )
 
 
@@ -1010,16 +1060,18 @@ class DatabaseLimiter:
         window: float = WINDOW_SECONDS,
         renew_every: float | None = None,
         cleanup_every: float = CLEANUP_SECONDS,
+        claim_seconds: float = CLAIM_SECONDS,
     ) -> None:
         self._engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
         self._errors = (SQLAlchemyError, engine.dialect.loaded_dbapi.Error)
         if self._sqlite:
             self._connections = SharedConnection(engine)
-            self._admit_lock = threading.Lock()
+            self._admit_lock = threading.RLock()  # reentrant for _admit_after_flush
             self._sql_state, self._state_params = sqlite_sql(_STATE)
             self._sql_state_live, self._state_live_params = sqlite_sql(_STATE_AND_LIVE)
             self._sql_insert = sqlite_sql(_INSERT.values({c: bindparam(c.name) for c in _ADMISSIONS.c}))[0]
+            self._sql_inserts: dict[int, str] = {}  # a claim's rows: one statement per size
             self._sql_take, self._take_params = sqlite_sql(_TAKE_SLOT["sqlite"])
             self._sql_give_back, self._give_back_params = sqlite_sql(_GIVE_BACK)
         self.lease_seconds = lease_seconds
@@ -1032,12 +1084,16 @@ class DatabaseLimiter:
         self._holder = ""  # this process's slot rows (holder_id), made at its first slot
         self._holder_pid = 0
         self._lease_ids = itertools.count()
+        self._claims = Claims(claim_seconds)
+        self._claim_seconds = claim_seconds
         self._keeper = LeaseKeeper(
             "limiter-database",
             renew_every or lease_seconds / 3,
             self._renew_leases,
             self._cleanup,
             give_back=self._give_back,
+            sweep=self._drop_claims,
+            sweep_every=claim_seconds,
         )
 
     def describe(self) -> str:
@@ -1047,34 +1103,66 @@ class DatabaseLimiter:
         if rpm_limit is None and max_parallel is None:
             return unlimited()
         self._keeper.start()  # housekeeping runs for rpm-only keys too
-        answer = self._admit_once(token, rpm_limit, max_parallel)
-        if not answer.allowed and self._keeper.retry_refusal(answer, token):
+        claimed = self._claims.take(token, (rpm_limit, max_parallel))
+        if claimed is not None:  # counted in the store by an earlier transaction (limit_claims)
+            answer = claimed_admission(rpm_limit, claimed)
+        else:
+            batches = self._keeper.batches
             answer = self._admit_once(token, rpm_limit, max_parallel)
+            if not answer.allowed:
+                self._drop_claims()  # expired claims' unused slots, so they go back with the flush
+                again = self._admit_after_flush if self._sqlite else self._admit_once
+                answer = self._keeper.ask_again(answer, token, batches, lambda: again(token, rpm_limit, max_parallel))
+        if answer.allowed and max_parallel is not None:
+            lease = answer.lease = Lease(next(self._lease_ids), token, self)
+            self._keeper.add(lease)
         return answer
 
     def _admit_once(self, token: str, rpm_limit: int | None, max_parallel: int | None) -> Admission:
+        demand = self._claims.demand(token)
         try:
             if self._sqlite:
-                answer = self._admit_sqlite(token, rpm_limit, max_parallel)
+                answer, size = self._admit_sqlite(token, rpm_limit, max_parallel, demand)
             else:
                 with self._engine.begin() as conn:
                     now = conn.execute(_PG_LOCK_AND_NOW, {"token": token}).scalar_one()
                     params = {"token": token, "since": now - self.window, "now": now}
                     statement = _STATE if max_parallel is None else _STATE_AND_LIVE
                     row = self._state(lambda from_id: conn.execute(statement, {**params, "from_id": from_id}).fetchone(), token, now)
-                    answer, row_id_, at, expires = self._decide(row, now, rpm_limit, max_parallel)
+                    answer, rows, expires, size = self._decide(row, token, now, rpm_limit, max_parallel, demand)
                     if answer.allowed:
-                        if rpm_limit is not None:
-                            conn.execute(_INSERT, {"id": row_id_, "token": token, "admitted_at": at, "lease_expires": 0.0})
+                        if rows:
+                            conn.execute(_INSERT, rows)
                         if max_parallel is not None:
-                            conn.execute(_TAKE_SLOT["postgresql"], {"token": token, "holder": self.holder(), "expires": expires})
+                            conn.execute(_TAKE_SLOT["postgresql"], {"token": token, "holder": self.holder(), "n": size, "expires": expires})
         except self._errors as exc:
             metrics.STORE_ERRORS.labels("database", "limit").inc()
             raise LimiterUnavailable(f"the limit store (database) failed: {type(getattr(exc, 'orig', None) or exc).__name__}") from exc
-        if answer.allowed and max_parallel is not None:
-            lease = answer.lease = Lease(next(self._lease_ids), token, self)
-            self._keeper.add(lease)
+        if size > 1:
+            dropped = self._claims.keep(token, (rpm_limit, max_parallel), size, answer.rpm_remaining, answer.reset_seconds)
+            if dropped and max_parallel is not None:
+                self._give_back_unused(token, dropped)
         return answer
+
+    def _admit_after_flush(self, token: str, rpm_limit: int | None, max_parallel: int | None) -> Admission:
+        """SQLite, after a refusal for parallelism: this worker's queued releases given back and
+        the admission asked again with no batch in flight and no other admission of this worker
+        in between (both locks held, in the keeper's order: flush, then admit). Every slot the
+        store still counts for this worker is then held by a request (or by a live claim), as
+        with synchronous releases, so one try is enough."""
+        with self._keeper.no_batch_in_flight(), self._admit_lock:
+            self._keeper.flush()
+            return self._admit_once(token, rpm_limit, max_parallel)
+
+    def _drop_claims(self, everything: bool = False) -> None:
+        """Drop the claims that ran out (all of them with ``everything``); their unused slots go
+        back with the next batch of releases."""
+        for token, count in self._claims.expired(everything):
+            self._give_back_unused(token, count)
+
+    def _give_back_unused(self, token: str, count: int) -> None:
+        for _ in range(count):  # counted on this worker's row: given back like released leases
+            self._keeper.release(Lease(next(self._lease_ids), token, self))
 
     def holder(self) -> str:
         """This process's name on its slot rows (a new one after a fork)."""
@@ -1082,7 +1170,7 @@ class DatabaseLimiter:
             self._holder, self._holder_pid = holder_id(), os.getpid()
         return self._holder
 
-    def _admit_sqlite(self, token: str, rpm_limit, max_parallel) -> Admission:
+    def _admit_sqlite(self, token: str, rpm_limit, max_parallel, demand: int) -> tuple[Admission, int]:
         # The hot path on the default store: this thread's own sqlite3 connection, statements
         # compiled once. In the driver's legacy transaction mode an explicit BEGIN IMMEDIATE
         # opens the transaction (the driver adds no BEGIN of its own inside one) and commit()
@@ -1097,9 +1185,13 @@ class DatabaseLimiter:
         # thread that finds the file locked backs off in SQLite's busy handler (sleeps of 1 ms
         # and up, then retries); waiting on a lock here costs the other threads nothing.
         with self._admit_lock:
-            return self._admit_sqlite_locked(connection, cursor, sql, params, token, rpm_limit, max_parallel)
+            if demand > 1:  # another thread's claim may have come while this one waited
+                claimed = self._claims.take(token, (rpm_limit, max_parallel), count=False)
+                if claimed is not None:
+                    return claimed_admission(rpm_limit, claimed), 1
+            return self._admit_sqlite_locked(connection, cursor, sql, params, token, rpm_limit, max_parallel, demand)
 
-    def _admit_sqlite_locked(self, connection, cursor, sql, params, token, rpm_limit, max_parallel) -> Admission:
+    def _admit_sqlite_locked(self, connection, cursor, sql, params, token, rpm_limit, max_parallel, demand) -> tuple[Admission, int]:
         cursor.execute("BEGIN IMMEDIATE")
         try:
             now = time.time()  # read once the write lock is held: times per key keep increasing
@@ -1112,17 +1204,32 @@ class DatabaseLimiter:
                 cursor.execute(sql, params)
                 return cursor.fetchone()
 
-            answer, row_id_, at, expires = self._decide(self._state(state, token, now), now, rpm_limit, max_parallel)
+            answer, rows, expires, size = self._decide(self._state(state, token, now), token, now, rpm_limit, max_parallel, demand)
             if answer.allowed:
-                if rpm_limit is not None:
-                    cursor.execute(self._sql_insert, {"id": row_id_, "token": token, "admitted_at": at, "lease_expires": 0.0})
+                if len(rows) == 1:
+                    cursor.execute(self._sql_insert, rows[0])
+                elif rows:
+                    # One multi-row INSERT, not executemany: each statement step releases and
+                    # takes back the GIL, a wait of up to the switch interval on a busy worker,
+                    # with the admission lock held.
+                    values = {f"{name}_{i}": value for i, row in enumerate(rows) for name, value in row.items()}
+                    cursor.execute(self._sql_insert_rows(len(rows)), values)
                 if max_parallel is not None:
-                    cursor.execute(self._sql_take, {**self._take_params, "token": token, "holder": self.holder(), "expires": expires})
+                    take = {**self._take_params, "token": token, "holder": self.holder(), "n": size, "expires": expires}
+                    cursor.execute(self._sql_take, take)
             connection.commit()
         except BaseException:
             connection.rollback()
             raise
-        return answer
+        return answer, size
+
+    def _sql_insert_rows(self, count: int) -> str:
+        """SQLite: the INSERT of ``count`` admission rows, parameters ``<column>_<row>``."""
+        sql = self._sql_inserts.get(count)
+        if sql is None:
+            values = [{c: bindparam(f"{c.name}_{i}") for c in _ADMISSIONS.c} for i in range(count)]
+            sql = self._sql_inserts[count] = sqlite_sql(_ADMISSIONS.insert().values(values))[0]
+        return sql
 
     def _state(self, query, token: str, now: float):
         """The key's state row, ``query(from_id)``, starting the look for the oldest row in the
@@ -1143,20 +1250,26 @@ class DatabaseLimiter:
             self._from[token] = (edge, since)
         return row
 
-    def _decide(self, row, now: float, rpm_limit, max_parallel) -> tuple[Admission, str, float, float]:
-        """The answer from the key's state row, the new row's id, its admission time and the
-        holder row's new expiry."""
+    def _decide(self, row, token: str, now: float, rpm_limit, max_parallel, demand: int) -> tuple[Admission, list[dict], float, int]:
+        """The answer from the key's state row, the rpm rows to insert, the holder row's new
+        expiry, and how many admissions to take (``claim_size``; 1 unless allowed)."""
         newest_id, newest_at, oldest_id, oldest_at = row[:4]
         live = row[4] if max_parallel is not None else 0
         in_window = row_seq(newest_id) - row_seq(oldest_id) + 1 if oldest_id is not None else 0
         answer = decide(now, rpm_limit, in_window, oldest_at, max_parallel, live, self.window)
-        new_id = row_id(row_seq(newest_id) + 1 if newest_id is not None else first_seq(now)) if rpm_limit is not None else ""
+        size = claim_size(demand, rpm_limit, in_window, max_parallel, live) if answer.allowed else 1
+        expires = now + self.lease_seconds if max_parallel is not None else 0.0
+        if rpm_limit is None or not answer.allowed:
+            return answer, [], expires, size
+        first = row_seq(newest_id) + 1 if newest_id is not None else first_seq(now)
+        # A claim's rows count from the last moment one of them can be handed out (limit_claims).
+        at = now + self._claim_seconds if size > 1 else now
         # Strictly increasing times per key, so ordering by time orders by number too
         # (a clock stepped back, or two admissions within its resolution).
-        if newest_at is not None and now <= newest_at:
-            now = newest_at + 1e-6
-        expires = now + self.lease_seconds if max_parallel is not None else 0.0
-        return answer, new_id, now, expires
+        if newest_at is not None and at <= newest_at:
+            at = newest_at + 1e-6
+        rows = [{"id": row_id(first + i), "token": token, "admitted_at": at + i * 1e-6, "lease_expires": 0.0} for i in range(size)]
+        return answer, rows, expires, size
 
     def release(self, lease) -> None:
         """Queue ``lease`` for the next batch (see :class:`LeaseKeeper`): no database I/O here."""
@@ -1215,6 +1328,7 @@ class DatabaseLimiter:
     def close(self) -> None:
         """Stop the thread, give back the queued releases (no other lease is released), close
         this limiter's own connections."""
+        self._drop_claims(everything=True)
         self._keeper.close()
         if self._sqlite:
             self._connections.close()

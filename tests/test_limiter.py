@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import os
 import signal
 import sqlite3
+import threading
 import time
 
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import create_engine
 from sqlalchemy import event
+from sqlalchemy import func
 from sqlalchemy import select
 
 from proxy_app import schema
+from proxy_app.limit_claims import CLAIM_SECONDS
+from proxy_app.limit_claims import MAX_CLAIM
 from proxy_app.limiter import DatabaseLimiter
 from proxy_app.limiter import LocalLimiter
 from proxy_app.limiter import RedisLimiter
@@ -502,6 +507,37 @@ def test_a_refusal_gives_back_this_workers_queued_releases_first(spec):
         limiter.close()
 
 
+def test_threads_at_the_parallel_limit_are_never_refused(spec):
+    # As many threads as max_parallel, each taking a slot and releasing it in turn: a
+    # synchronous release would admit every one. The worker's release thread gives back
+    # batches meanwhile, and a refusal that raced one (the batch off the queue, not yet in
+    # the store) must ask again, not refuse.
+    limiter = build(spec)
+    threads, rounds = 8, 150
+    refused = []
+    start = threading.Barrier(threads)
+
+    def loop():
+        start.wait(10)
+        for _ in range(rounds):
+            answer = limiter.admit(TOKEN, None, threads)
+            if not answer.allowed:
+                refused.append(answer.reason)
+                continue
+            limiter.release(answer.lease)
+
+    try:
+        workers = [threading.Thread(target=loop) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(120)
+        assert not any(worker.is_alive() for worker in workers)
+        assert refused == []
+    finally:
+        limiter.close()
+
+
 def test_window_stays_exact_after_a_keys_rows_were_cleaned_up(spec):
     # The database limiter reads the window from the primary key (token, id) and starts its look
     # for the oldest row at its previous answer: once every row of the key was deleted, the next
@@ -566,3 +602,66 @@ def test_slots_are_one_counter_per_worker_in_the_store(spec):
     finally:
         a.close()
         b.close()
+
+
+def _store(limiter) -> tuple[list[float], int]:
+    """The key's rpm rows' times, and its live slots summed over every holder."""
+    with limiter._engine.connect() as conn:
+        times = conn.execute(select(schema.admissions.c.admitted_at).where(schema.admissions.c.token == TOKEN).order_by(schema.admissions.c.id)).scalars().all()
+        live = conn.execute(select(func.coalesce(func.sum(schema.slots.c.live), 0)).where(schema.slots.c.token == TOKEN)).scalar_one()
+    return times, live
+
+
+def test_a_busy_worker_claims_admissions_the_store_counts_in_full(spec):
+    # Far from its limits a busy worker takes several admissions per transaction
+    # (proxy_app/limit_claims.py): the store counts each of them, in the rpm window and on the
+    # worker's slot counter, before it is handed out; the slots of those never handed out go
+    # back once the claim runs out.
+    if spec[0] == "redis":
+        pytest.skip("the database limiter's claims")
+    limiter = build(spec)
+    try:
+        started = time.time()
+        answers = [limiter.admit(TOKEN, 10_000, 1000) for _ in range(300)]
+        assert all(a.allowed for a in answers)
+        assert [a.rpm_remaining for a in answers[:3]] == [9999, 9998, 9997]
+        assert sorted({a.rpm_remaining for a in answers}, reverse=True) == [a.rpm_remaining for a in answers]
+        times, live = _store(limiter)
+        assert 300 <= len(times) <= 300 + MAX_CLAIM - 1 and live == len(times)
+        # claims happened: rows a microsecond apart, counted from a claim's last moment
+        runs = sum(1 for a, b in itertools.pairwise(times) if b - a < 2e-6)
+        assert runs > 100
+        assert max(times) > started + 0.2
+        time.sleep(CLAIM_SECONDS + 0.5)  # the claim ran out, its unused slots were given back
+        assert _store(limiter) == (times, 300)
+        for answer in answers:
+            limiter.release(answer.lease)
+        assert limiter.flush()
+        assert _store(limiter) == (times, 0)
+    finally:
+        limiter.close()
+
+
+def test_claims_stay_exact_near_a_limit(spec):
+    # A claim takes at most 1/64 of what is left: a worker admitting continuously gets every
+    # admission of its rpm_limit, and the store holds exactly that many.
+    if spec[0] == "redis":
+        pytest.skip("the database limiter's claims")
+    limiter = build(spec)
+    try:
+        assert sum(limiter.admit(TOKEN, 300, None).allowed for _ in range(400)) == 300
+        assert len(_store(limiter)[0]) == 300
+    finally:
+        limiter.close()
+
+
+def test_claims_never_go_over_a_limit_under_a_burst_from_processes(spec):
+    # Four processes admit 400 times each against rpm_limit 1000 and max_parallel 2000 (claims
+    # far from the limits, single admissions near them), keeping every lease: never over the
+    # limit; short of it by at most what the processes claimed and never handed out.
+    admitted = run_burst(spec, 1000, 2000, processes=4, tries=400)
+    slack = 0 if spec[0] == "redis" else 4 * (MAX_CLAIM - 1)
+    assert 1000 - slack <= admitted <= 1000
+    if spec[0] != "redis":
+        times, live = _store(build(spec))
+        assert len(times) == live == 1000  # every admission counted, the limit reached exactly
