@@ -1071,7 +1071,6 @@ class DatabaseLimiter:
             self._sql_state, self._state_params = sqlite_sql(_STATE)
             self._sql_state_live, self._state_live_params = sqlite_sql(_STATE_AND_LIVE)
             self._sql_insert = sqlite_sql(_INSERT.values({c: bindparam(c.name) for c in _ADMISSIONS.c}))[0]
-            self._sql_inserts: dict[int, str] = {}  # a claim's rows: one statement per size
             self._sql_take, self._take_params = sqlite_sql(_TAKE_SLOT["sqlite"])
             self._sql_give_back, self._give_back_params = sqlite_sql(_GIVE_BACK)
         self.lease_seconds = lease_seconds
@@ -1209,11 +1208,7 @@ class DatabaseLimiter:
                 if len(rows) == 1:
                     cursor.execute(self._sql_insert, rows[0])
                 elif rows:
-                    # One multi-row INSERT, not executemany: each statement step releases and
-                    # takes back the GIL, a wait of up to the switch interval on a busy worker,
-                    # with the admission lock held.
-                    values = {f"{name}_{i}": value for i, row in enumerate(rows) for name, value in row.items()}
-                    cursor.execute(self._sql_insert_rows(len(rows)), values)
+                    cursor.executemany(self._sql_insert, rows)
                 if max_parallel is not None:
                     take = {**self._take_params, "token": token, "holder": self.holder(), "n": size, "expires": expires}
                     cursor.execute(self._sql_take, take)
@@ -1222,14 +1217,6 @@ class DatabaseLimiter:
             connection.rollback()
             raise
         return answer, size
-
-    def _sql_insert_rows(self, count: int) -> str:
-        """SQLite: the INSERT of ``count`` admission rows, parameters ``<column>_<row>``."""
-        sql = self._sql_inserts.get(count)
-        if sql is None:
-            values = [{c: bindparam(f"{c.name}_{i}") for c in _ADMISSIONS.c} for i in range(count)]
-            sql = self._sql_inserts[count] = sqlite_sql(_ADMISSIONS.insert().values(values))[0]
-        return sql
 
     def _state(self, query, token: str, now: float):
         """The key's state row, ``query(from_id)``, starting the look for the oldest row in the
